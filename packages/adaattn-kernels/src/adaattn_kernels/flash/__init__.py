@@ -1,0 +1,13 @@
+"""Dense exact attention: fused Triton FlashAttention-2 kernels and the plain-PyTorch reference.
+
+Public entry points are re-exported from :mod:`adaattn_kernels`:
+:func:`~adaattn_kernels.flash.api.attention` and
+:func:`~adaattn_kernels.flash.naive.attention_reference`. The custom ops
+``torch.ops.adaattn.flash_attention`` / ``flash_attention_backward`` are registered on first use
+of the Triton backend (import :mod:`adaattn_kernels.flash.op` to register them eagerly).
+"""
+
+from adaattn_kernels.flash.api import TRITON_HEAD_DIMS, attention, triton_unsupported_reason
+from adaattn_kernels.flash.naive import attention_reference
+
+__all__ = ["TRITON_HEAD_DIMS", "attention", "attention_reference", "triton_unsupported_reason"]

@@ -1,0 +1,137 @@
+"""Plain-PyTorch reference for exact scaled-dot-product attention.
+
+This is the ground truth the Triton kernels are tested against, and the ``backend="reference"``
+(and CPU ``"auto"``) path of :func:`adaattn_kernels.attention`. It computes
+
+.. math::
+
+    O = \\operatorname{softmax}(s\\, Q K^\\top + M)\\, V, \\qquad
+    \\mathrm{lse}_i = \\log \\sum_j \\exp(s\\, q_i \\cdot k_j + M_{ij})
+
+(Vaswani et al. 2017, "Attention Is All You Need", Eq. 1), in chunks of queries so that the extra
+memory is ``O(chunk · Sk)`` rather than ``O(Sq · Sk)``, with float32 accumulation for 16-bit inputs
+(float64 stays float64). Autograd flows through it to ``q``, ``k``, ``v`` and a floating mask.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from adaattn_kernels._validation import (
+    CAUSAL_NONE,
+    CausalArg,
+    causal_offset,
+    check_attention_inputs,
+    check_mask,
+    expand_mask,
+    normalize_causal,
+    resolve_scale,
+)
+
+__all__ = ["attention_reference"]
+
+# Scores held at a time: chunk · Sk elements (≈ 64 MiB of float32 at the default).
+_MAX_CHUNK_ELEMENTS = 1 << 24
+
+
+def attention_reference(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    attn_mask: torch.Tensor | None = None,
+    causal: CausalArg = False,
+    scale: float | None = None,
+    return_lse: bool = False,
+    backend: str = "reference",
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """Exact attention in plain PyTorch, chunked over queries (the correctness reference).
+
+    Same contract as :func:`adaattn_kernels.attention`: ``q`` is ``(B, Hq, Sq, D)``, ``k`` and
+    ``v`` are ``(B, Hkv, Sk, D)`` with ``Hq % Hkv == 0`` (query head ``h`` reads key/value head
+    ``h // (Hq // Hkv)``). Rows whose keys are all masked give output 0 and ``lse = -inf``.
+
+    Args:
+        q: Queries ``(B, Hq, Sq, D)``.
+        k: Keys ``(B, Hkv, Sk, D)``.
+        v: Values ``(B, Hkv, Sk, D)``.
+        attn_mask: Optional bool mask (``True`` = may attend) or additive float mask,
+            broadcastable to ``(B, Hq, Sq, Sk)``.
+        causal: ``False``; ``True`` or ``"bottom_right"`` (query ``i`` attends keys
+            ``j ≤ i + Sk − Sq``); ``"top_left"`` (keys ``j ≤ i``, as SDPA's ``is_causal``).
+        scale: Score scale; defaults to ``1/sqrt(D)``.
+        return_lse: Also return the float32 (float64 for float64 inputs) log-sum-exp of the scaled
+            scores per query, shape ``(B, Hq, Sq)``, natural log.
+        backend: Must be ``"reference"``; present so the signature matches
+            :func:`adaattn_kernels.attention`.
+
+    Returns:
+        The output ``(B, Hq, Sq, D)`` in ``q.dtype``, or ``(output, lse)``.
+
+    Raises:
+        ValueError: invalid shapes, devices, mask, causal mode or scale (see the message).
+        TypeError: unsupported dtypes.
+    """
+    if backend != "reference":
+        raise ValueError(f"`backend` of attention_reference must be 'reference', got {backend!r}")
+    shape = check_attention_inputs(q, k, v)
+    check_mask(attn_mask, shape, q.device)
+    mode = normalize_causal(causal)
+    s = resolve_scale(scale, shape.head_dim)
+    out, lse = _reference_forward(q, k, v, attn_mask, mode, s)
+    return (out, lse) if return_lse else out
+
+
+def _reference_forward(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    attn_mask: torch.Tensor | None,
+    mode: int,
+    scale: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Validated core of :func:`attention_reference` (``mode`` is a ``CAUSAL_*`` code)."""
+    b, hq, sq, d = q.shape
+    hkv, sk = k.shape[1], k.shape[2]
+    g = hq // hkv
+    acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+    # Grouped view: query head h = kv_head * g + r reads kv head `kv_head`.
+    qg = q.reshape(b, hkv, g, sq, d).to(acc)
+    kg = k.to(acc).unsqueeze(2)  # (B, Hkv, 1, Sk, D)
+    vg = v.to(acc).unsqueeze(2)
+    mask = None
+    if attn_mask is not None:
+        from adaattn_kernels._validation import AttentionShape
+
+        mask = expand_mask(attn_mask, AttentionShape(b, hq, hkv, sq, sk, d)).reshape(
+            b, hkv, g, sq, sk
+        )
+    offset = causal_offset(mode, sq, sk)
+    chunk = max(1, min(sq, _MAX_CHUNK_ELEMENTS // max(1, b * hq * sk)))
+    outs, lses = [], []
+    key_idx = torch.arange(sk, device=q.device)
+    for i0 in range(0, sq, chunk):
+        i1 = min(sq, i0 + chunk)
+        scores = torch.matmul(qg[:, :, :, i0:i1], kg.transpose(-1, -2)) * scale
+        if mask is not None:
+            m = mask[..., i0:i1, :]
+            if m.dtype == torch.bool:
+                scores = scores.masked_fill(~m, float("-inf"))
+            else:
+                scores = scores + m.to(acc)
+        if mode != CAUSAL_NONE:
+            q_idx = torch.arange(i0, i1, device=q.device)
+            allowed = key_idx[None, :] <= (q_idx[:, None] + offset)
+            scores = scores.masked_fill(~allowed, float("-inf"))
+        # Max subtraction is exact maths (softmax is shift-invariant): no gradient through it.
+        row_max = scores.amax(dim=-1, keepdim=True).detach()
+        row_max = torch.where(torch.isinf(row_max), torch.zeros_like(row_max), row_max)
+        p = torch.exp(scores - row_max)
+        denom = p.sum(dim=-1, keepdim=True)
+        out = torch.matmul(p, vg) / torch.where(denom == 0, torch.ones_like(denom), denom)
+        lse = (row_max + torch.log(denom)).squeeze(-1)  # log 0 = -inf for fully masked rows
+        outs.append(out)
+        lses.append(lse)
+    out = torch.cat(outs, dim=3).reshape(b, hq, sq, d).to(q.dtype)
+    lse = torch.cat(lses, dim=3).reshape(b, hq, sq)
+    return out, lse
