@@ -108,7 +108,7 @@ def _tests_one(session: nox.Session, package: str) -> None:
     session.run(
         "pytest",
         "-m",
-        "not gpu and not model",
+        "not gpu and not model and not slow",  # slow tests run once, in tests-cpu
         f"packages/{package}/tests",
         *session.posargs,
         env={**_interpreter_env(), "ADAATTN_STANDALONE": package},

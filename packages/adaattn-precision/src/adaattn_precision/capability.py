@@ -259,8 +259,19 @@ def _host_memory() -> int:
         return 0
 
 
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as fh:
+            for line in fh:
+                if line.lower().startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:  # not Linux
+        pass
+    return platform.processor() or platform.machine() or "cpu"
+
+
 def _cpu_capability() -> DeviceCapability:
-    name = platform.processor() or platform.machine() or "cpu"
+    name = _cpu_name() or "cpu"
     return DeviceCapability(
         device="cpu",
         vendor="cpu",
@@ -302,7 +313,7 @@ def _normalize_device(device: str | int | torch.device | None) -> torch.device:
     return device
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _detect_cached(device_type: str, index: int) -> DeviceCapability:
     if device_type == "cpu":
         return _cpu_capability()

@@ -7,17 +7,21 @@ one token), with ``fmax = fp8_max(fmt)``:
 .. code-block:: text
 
     amax_G  = max_{(s, d) in G} |x[..., s, d]|               (computed in float32)
-    scale_G = amax_G / (fmax / 2**margin)     if amax_G > 0, else 1
+    c       = float32(2**margin / fmax)                       (a rounded constant)
+    scale_G = amax_G * c                      if amax_G > 0, else 1
     scale_G = max(scale_G, float32 tiny)                      (no zero scale)
-    scale_G = 2**ceil(log2(scale_G))          if pow2_scales
+    scale_G = 2**ceil(log2(scale_G))          if pow2_scales  (exact, via frexp)
     xq      = clamp(x.float() / scale_G, -fmax, fmax).to(float8)  (round to nearest even)
     x      ~= xq.float() * scale_G
 
 This is the per-block scaling of Transformer Engine / DeepSeek-V3 ("fine-grained
 quantization", DeepSeek-AI 2024, Sec. 3.3.2) applied along the sequence dimension, as in
-SageAttention (Zhang et al. 2024, Sec. 3.3, per-block Q/K quantisation). Kernels must use
-the division ``x / scale`` (not multiplication by a rounded reciprocal) to be bit-exact;
-with ``pow2_scales=True`` both are exact.
+SageAttention (Zhang et al. 2024, Sec. 3.3, per-block Q/K quantisation). To be
+bit-identical, kernels compute the scale as the float32 product ``amax * c`` and quantise
+with an IEEE-rounded division ``x / scale`` (in Triton ``tl.math.div_rn``; the default
+``/`` is approximate) — not a multiplication by a rounded reciprocal. With
+``pow2_scales=True`` division and reciprocal multiplication are both exact. The CUDA and
+CPU paths of this function agree bit for bit.
 
 Scale shapes (``float32``; leading dims ``...`` are kept):
 
@@ -185,22 +189,26 @@ def quantize_fp8(
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
     if not x.is_floating_point() or x.dtype in FP8_DTYPES.values():
-        raise TypeError(
-            f"x must be a float16/bfloat16/float32/float64 tensor, got dtype {x.dtype}"
-        )
+        raise TypeError(f"x must be a float16/bfloat16/float32/float64 tensor, got dtype {x.dtype}")
     if x.dim() < 2:
-        raise ValueError(f"x must have shape (..., S, D) with at least 2 dims, got {tuple(x.shape)}")
+        raise ValueError(
+            f"x must have shape (..., S, D) with at least 2 dims, got {tuple(x.shape)}"
+        )
     if x.numel() == 0:
         raise ValueError(f"x must be non-empty, got shape {tuple(x.shape)}")
     if not bool(torch.isfinite(x).all()):
         raise ValueError("x contains NaN or Inf; FP8 quantisation needs finite inputs")
     fmax = fp8_max(fmt)
     amax = _group_amax(x, granularity, block_size)
-    target = fmax / 2.0**margin
-    scale = torch.where(amax > 0, amax / target, torch.ones_like(amax))
+    # Multiply by a float32 constant (not divide by fmax): CUDA implements division by a
+    # scalar as multiplication by its reciprocal, so only this form is bit-identical.
+    inv_target = torch.tensor(2.0**margin / fmax, dtype=torch.float32, device=amax.device)
+    scale = torch.where(amax > 0, amax * inv_target, torch.ones_like(amax))
     scale = scale.clamp_min(torch.finfo(torch.float32).tiny)
     if pow2_scales:
-        scale = torch.exp2(torch.ceil(torch.log2(scale)))
+        # Round up to a power of two exactly: scale = m * 2**e with m in [0.5, 1).
+        mant, expo = torch.frexp(scale)
+        scale = torch.ldexp(torch.ones_like(scale), torch.where(mant == 0.5, expo - 1, expo))
     xs = x.to(torch.float32) / expand_scale(
         scale, x.shape, granularity=granularity, block_size=block_size
     )

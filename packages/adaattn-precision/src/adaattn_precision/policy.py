@@ -224,9 +224,15 @@ class PrecisionPolicy:
         """Return a named preset.
 
         * ``"quality"``: bf16 / fp16 / fp32 only (no FP8), tolerance 0.01.
-        * ``"balanced"``: FP8 e4m3 with per-block (128-token) scales where the predicted
-          error is <= 0.05, else bf16/fp16/fp32; falls back when FP8 is unavailable.
-        * ``"speed"``: as balanced with tolerance 0.12 and per-token scales.
+        * ``"balanced"``: FP8 e4m3 with per-block (128-token) scales and K smoothing where
+          the predicted error is <= 0.08, else bf16 / fp16 / fp32; falls back (recorded)
+          when FP8 is unavailable.
+        * ``"speed"``: as balanced with tolerance 0.15.
+
+        Tolerances are relative Frobenius errors of a head's attention output. For
+        reference, e4m3 with per-block scales measures 0.03-0.07 on heads with i.i.d.
+        N(0, 1) inputs and moderate scores (the worst case for relative error: a zero-mean
+        V makes the output small), less when V has a mean, more for peaked softmax.
 
         Args:
             name: One of :data:`PRESETS`.
@@ -240,15 +246,15 @@ class PrecisionPolicy:
             return cls(
                 name="balanced",
                 allowed=("fp8_e4m3", "bf16", "fp16", "fp32"),
-                tolerance=0.05,
+                tolerance=0.08,
                 fp8=FP8Config(fmt="e4m3", granularity="block", block_size=128),
             )
         if name == "speed":
             return cls(
                 name="speed",
                 allowed=("fp8_e4m3", "bf16", "fp16", "fp32"),
-                tolerance=0.12,
-                fp8=FP8Config(fmt="e4m3", granularity="token"),
+                tolerance=0.15,
+                fp8=FP8Config(fmt="e4m3", granularity="block", block_size=128),
             )
         raise ValueError(f"unknown precision policy preset {name!r}; valid presets: {PRESETS}")
 

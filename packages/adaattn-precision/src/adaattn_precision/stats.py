@@ -17,11 +17,24 @@ describe the smoothed tensor ``x - mean_s(x)``.
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 
 import torch
 
-__all__ = ["TensorStats", "tensor_stats"]
+__all__ = ["STRATA_EDGES", "TensorStats", "tensor_stats"]
+
+#: Probability edges of the token strata used for token-norm quantiles: 16 equal strata
+#: plus a finer split of the top 1/16 so the largest tokens (which dominate a peaked
+#: softmax) are represented. Stratum ``i`` covers ranks in ``[E[i], E[i+1])``.
+STRATA_EDGES: tuple[float, ...] = (*(i / 16 for i in range(16)), 0.99, 0.999, 1.0)
+
+
+def _strata_levels() -> tuple[float, ...]:
+    """Representative level per stratum: its midpoint, and the maximum for the last one."""
+    e = STRATA_EDGES
+    mids = [(a + b) / 2 for a, b in itertools.pairwise(e[:-1])]
+    return (*mids, 1.0)
 
 
 @dataclass(frozen=True)
@@ -41,6 +54,10 @@ class TensorStats:
             ``‖mean_s x‖₂ / sqrt(Σ_d mean_s x_d²)`` in [0, 1]; near 1 for K with a large
             per-channel offset.
         centered_amax: ``max |x - mean_s x|`` (the smoothed tensor's maximum).
+        token_ms_quantiles: ``(B, H, L)`` quantiles of the per-token mean square
+            ``mean_d x[s, d]²`` divided by its mean over tokens, one per stratum of
+            :data:`STRATA_EDGES` (midpoint level; the last is the maximum).
+        centered_token_ms_quantiles: The same for the smoothed tensor ``x - mean_s x``.
         channel_mean: ``mean_s x[..., s, d]``.
         channel_ms: ``mean_s x[..., s, d]²`` (second moment, not centred).
         seq_len: ``S``.
@@ -53,6 +70,8 @@ class TensorStats:
     outlier_ratio: torch.Tensor
     mean_offset: torch.Tensor
     centered_amax: torch.Tensor
+    token_ms_quantiles: torch.Tensor
+    centered_token_ms_quantiles: torch.Tensor
     channel_mean: torch.Tensor
     channel_ms: torch.Tensor
     seq_len: int
@@ -64,13 +83,22 @@ class TensorStats:
             raise ValueError(f"amax must have shape (B, H), got {bh}")
         for name in ("rms", "dynamic_range", "outlier_ratio", "mean_offset", "centered_amax"):
             if tuple(getattr(self, name).shape) != bh:
-                raise ValueError(f"{name} must have shape {bh}, got {tuple(getattr(self, name).shape)}")
+                raise ValueError(
+                    f"{name} must have shape {bh}, got {tuple(getattr(self, name).shape)}"
+                )
         for name in ("channel_mean", "channel_ms"):
             shape = tuple(getattr(self, name).shape)
             if shape != (*bh, self.head_dim):
                 raise ValueError(f"{name} must have shape {(*bh, self.head_dim)}, got {shape}")
+        nl = len(STRATA_EDGES) - 1
+        for name in ("token_ms_quantiles", "centered_token_ms_quantiles"):
+            shape = tuple(getattr(self, name).shape)
+            if shape != (*bh, nl):
+                raise ValueError(f"{name} must have shape {(*bh, nl)}, got {shape}")
         if self.seq_len < 1 or self.head_dim < 1:
-            raise ValueError(f"seq_len and head_dim must be >= 1, got {self.seq_len}, {self.head_dim}")
+            raise ValueError(
+                f"seq_len and head_dim must be >= 1, got {self.seq_len}, {self.head_dim}"
+            )
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -138,7 +166,8 @@ def tensor_stats(x: torch.Tensor, *, name: str = "x") -> TensorStats:
     mean_offset = torch.where(
         ms > 0, ((channel_mean**2).sum(-1) / (channel_ms.sum(-1)).clamp_min(tiny)).sqrt(), 0.0
     ).clamp(0, 1)
-    centered_amax = (xf - channel_mean[..., None, :]).abs().amax(dim=(-2, -1))
+    centered = xf - channel_mean[..., None, :]
+    centered_amax = centered.abs().amax(dim=(-2, -1))
     return TensorStats(
         amax=amax,
         rms=rms,
@@ -146,8 +175,24 @@ def tensor_stats(x: torch.Tensor, *, name: str = "x") -> TensorStats:
         outlier_ratio=outlier_ratio,
         mean_offset=mean_offset,
         centered_amax=centered_amax,
+        token_ms_quantiles=_token_quantiles(xf),
+        centered_token_ms_quantiles=_token_quantiles(centered),
         channel_mean=channel_mean,
         channel_ms=channel_ms,
         seq_len=s,
         head_dim=d,
     )
+
+
+def _token_quantiles(x: torch.Tensor) -> torch.Tensor:
+    """Stratum quantiles of the per-token mean square, normalised by its mean."""
+    tok = (x * x).mean(dim=-1)  # (B, H, S)
+    mean = tok.mean(dim=-1, keepdim=True)
+    ratio = torch.where(mean > 0, tok / mean.clamp_min(torch.finfo(x.dtype).tiny), 1.0)
+    srt = ratio.sort(dim=-1).values
+    s = srt.shape[-1]
+    idx = torch.tensor(
+        [min(s - 1, max(0, round(lv * (s - 1)))) for lv in _strata_levels()],
+        device=x.device,
+    )
+    return srt.index_select(-1, idx)
