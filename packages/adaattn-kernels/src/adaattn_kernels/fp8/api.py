@@ -1,0 +1,191 @@
+"""Public entry point of the FP8 attention path: validation, capability check, dispatch."""
+
+from __future__ import annotations
+
+import torch
+from adaattn_precision import DeviceCapability, triton_available
+
+from adaattn_kernels._validation import (
+    AttentionShape,
+    CausalArg,
+    check_attention_inputs,
+    normalize_causal,
+    resolve_scale,
+)
+from adaattn_kernels.fp8.naive import _check_rows, _simulate, check_fp8_options
+from adaattn_kernels.fp8.quant import _interpreting, kernel_tile_n
+
+__all__ = [
+    "FP8_HEAD_DIMS",
+    "fp8_attention",
+    "fp8_unsupported_reason",
+]
+
+#: Head dimensions the FP8 Triton kernel is built for.
+FP8_HEAD_DIMS = (64, 128)
+_BACKENDS = ("auto", "triton", "reference")
+_TRITON_DTYPES = (torch.float16, torch.bfloat16)
+
+
+def _has_tensor_descriptors() -> bool:
+    try:
+        from triton.tools.tensor_descriptor import TensorDescriptor  # noqa: F401
+    except ImportError:  # pragma: no cover - triton < 3.4
+        return False
+    return True
+
+
+def _interpreting_cpu(q: torch.Tensor) -> bool:
+    return q.device.type == "cpu" and _interpreting()
+
+
+def _capability_reason(cap: DeviceCapability) -> str | None:
+    """The missing-capability message for a CUDA device without FP8 e4m3 tensor cores."""
+    if cap.fp8_e4m3:
+        return None
+    major, minor = cap.compute_capability
+    return (
+        f"{cap.name} (compute capability {major}.{minor}) has no FP8 e4m3 tensor cores "
+        "(capability `fp8_e4m3` of adaattn_precision.detect(); needs sm_89 or newer); use "
+        "adaattn_kernels.attention (bf16/fp16) or backend='reference' to simulate FP8"
+    )
+
+
+def fp8_unsupported_reason(
+    q: torch.Tensor, shape: AttentionShape, *, check_device: bool = True
+) -> str | None:
+    """Why the FP8 Triton kernel cannot run these (validated) inputs, or ``None`` if it can.
+
+    The message names the missing capability or the argument at fault. ``check_device=False``
+    skips the device probe (Triton installed, FP8 tensor cores), which
+    :func:`fp8_attention` does under ``torch.compile`` tracing.
+    """
+    if check_device:
+        if not triton_available():  # pragma: no cover - triton is a dependency on Linux
+            return "Triton is not installed; install `triton` or use backend='reference'"
+        if not _has_tensor_descriptors():  # pragma: no cover - triton < 3.4
+            return (
+                "the FP8 kernel loads K/V with TMA descriptors "
+                "(triton.tools.tensor_descriptor, Triton >= 3.4); upgrade Triton or use "
+                "backend='reference'"
+            )
+        if q.device.type == "cuda":
+            from adaattn_precision import detect
+
+            reason = _capability_reason(detect(q.device))
+            if reason is not None:
+                return reason
+        elif not _interpreting_cpu(q):
+            return (
+                f"`q` is on {q.device}, which has no FP8 tensor cores (capability `fp8_e4m3`); "
+                "the FP8 kernel needs a CUDA device with sm_89+ (or CPU tensors with "
+                "TRITON_INTERPRET=1); use backend='reference' to simulate FP8 attention"
+            )
+    if q.dtype not in _TRITON_DTYPES:
+        return (
+            f"`q` has dtype {q.dtype}; the FP8 kernel takes float16 or bfloat16 inputs — cast "
+            "them or use backend='reference'"
+        )
+    if shape.head_dim not in FP8_HEAD_DIMS:
+        return (
+            f"head_dim {shape.head_dim} (last dim of `q`) is not one of {FP8_HEAD_DIMS}; use "
+            "adaattn_kernels.attention or backend='reference'"
+        )
+    return None
+
+
+def fp8_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    causal: CausalArg = False,
+    scale: float | None = None,
+    return_lse: bool = False,
+    pv_dtype: str = "fp8",
+    granularity: str = "block",
+    block_size: int = 128,
+    backend: str = "auto",
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """Attention forward with FP8 (e4m3) tensor-core matmuls, for inference.
+
+    Quantises inside the op and computes ``softmax(τ Q Kᵀ) V`` with ``Q·Kᵀ`` in e4m3 (per-block
+    or per-token scales, K smoothed by its mean over the keys — exact under softmax) and
+    ``P·V`` in e4m3 (P scaled by 2⁸, V per channel) or in the 16-bit input dtype, with fp32
+    accumulation across key tiles. Exact steps: :mod:`adaattn_kernels.fp8.naive`; the
+    rounding error is that of 3-bit mantissas: about 4e-2 relative (Frobenius) on i.i.d.
+    N(0, 1) inputs, where attention is nearly uniform, and smaller on peaked attention —
+    measure a head with :func:`~adaattn_kernels.fp8.fp8_attention_error` before using it.
+
+    Args:
+        q: Queries ``(B, Hq, Sq, D)``, float16/bfloat16 (``D`` in :data:`FP8_HEAD_DIMS` for the
+            kernel).
+        k: Keys ``(B, Hkv, Sk, D)``; ``Hq % Hkv == 0`` (grouped-query attention: query head
+            ``h`` reads key/value head ``h // (Hq // Hkv)``).
+        v: Values ``(B, Hkv, Sk, D)``.
+        causal: ``False``; ``True`` or ``"bottom_right"``: query ``i`` attends keys
+            ``j ≤ i + Sk − Sq``; ``"top_left"``: keys ``j ≤ i`` — the semantics of
+            :func:`adaattn_kernels.attention`.
+        scale: Multiplier ``τ`` of ``Q Kᵀ``; default ``1/sqrt(D)``.
+        return_lse: Also return ``lse`` ``(B, Hq, Sq)`` float32: the natural-log log-sum-exp
+            of each row's scaled scores (the smoothing shift is added back).
+        pv_dtype: ``"fp8"`` (default) or ``"fp16"``: ``P·V`` in the 16-bit input dtype
+            (float16 or bfloat16), slower, about half the error on diffuse heads.
+        granularity: Scale groups of Q and K: ``"block"`` (``block_size`` tokens, default) or
+            ``"token"``.
+        block_size: Tokens per scale group for ``"block"`` (1…4096). Multiples of 128 let
+            the kernel apply one scale per tile.
+        backend: ``"auto"`` (the Triton kernel on an FP8-capable CUDA device; the simulation
+            on CPU), ``"triton"`` or ``"reference"``
+            (:func:`~adaattn_kernels.fp8.fp8_attention_reference`, same quantisation).
+
+    Returns:
+        The output ``(B, Hq, Sq, D)`` in ``q.dtype``, or ``(output, lse)`` if ``return_lse``.
+        Rows that see no key (causal with ``Sq > Sk``) give output 0 and ``lse = -inf``.
+
+    Raises:
+        ValueError: bad shapes, devices, ``causal``, ``scale``, options or ``backend``; FP8
+            requested on a CUDA device without FP8 tensor cores (the message names the
+            missing ``fp8_e4m3`` capability); ``backend="triton"`` with inputs the kernel does
+            not take; inputs that require grad (this op has no backward).
+        TypeError: non-tensor inputs or unsupported dtypes.
+
+    Example:
+        >>> import torch
+        >>> from adaattn_kernels.fp8 import fp8_attention
+        >>> q = torch.randn(1, 4, 64, 64, dtype=torch.bfloat16)
+        >>> k = v = torch.randn(1, 2, 64, 64, dtype=torch.bfloat16)
+        >>> fp8_attention(q, k, v, causal=True).shape  # CPU: the float8 simulation
+        torch.Size([1, 4, 64, 64])
+    """
+    if backend not in _BACKENDS:
+        raise ValueError(f"`backend` must be one of {_BACKENDS}, got {backend!r}")
+    shape = check_attention_inputs(q, k, v, allowed_dtypes=(*_TRITON_DTYPES, torch.float32))
+    mode = normalize_causal(causal)
+    tau = resolve_scale(scale, shape.head_dim)
+    check_fp8_options(pv_dtype, granularity, block_size)
+    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
+        raise ValueError(
+            "fp8_attention has no backward (FP8 attention is an inference path); call it under "
+            "torch.no_grad() / torch.inference_mode() or use adaattn_kernels.attention to train"
+        )
+    if backend == "reference" or (backend == "auto" and q.device.type == "cpu"):
+        for name, t in (("q", q), ("k", k), ("v", v)):
+            if not bool(torch.isfinite(t).all()):
+                raise ValueError(
+                    f"`{name}` contains NaN or Inf; FP8 quantisation needs finite inputs"
+                )
+        idx = _check_rows(None, shape.seq_q, q.device)
+        out, lse = _simulate(
+            q, k, v, idx, mode, tau, pv_dtype, granularity, block_size, kernel_tile_n()
+        )
+    else:
+        # Under torch.compile the device probe (cached per device) is not traced; the eager
+        # call, or Triton itself, rejects a device without FP8.
+        reason = fp8_unsupported_reason(q, shape, check_device=not torch.compiler.is_compiling())
+        if reason is not None:
+            raise ValueError(f"fp8_attention (backend={backend!r}) cannot run: {reason}")
+        from adaattn_kernels.fp8.op import fp8_attention_op
+
+        out, lse = fp8_attention_op(q, k, v, mode, tau, pv_dtype == "fp8", granularity, block_size)
+    return (out, lse) if return_lse else out

@@ -1,0 +1,119 @@
+"""PyTorch custom op wrapping the FP8 attention forward (quantisation + attention kernels).
+
+``adaattn::fp8_attention(q, k, v, causal_mode, scale, pv_fp8, granularity, block_size)
+-> (out, lse)`` is registered with :func:`torch.library.custom_op` and a fake (meta)
+implementation, so it traces under ``torch.compile(fullgraph=True)`` and passes
+:func:`torch.library.opcheck`. It is forward-only (no autograd formula): FP8 attention is an
+inference path. ``causal_mode`` is a ``CAUSAL_*`` code of :mod:`adaattn_kernels._validation`.
+Inputs are assumed validated by :func:`adaattn_kernels.fp8.fp8_attention`.
+"""
+
+# No `from __future__ import annotations` here: custom_op infers the schema from annotations.
+import torch
+
+from adaattn_kernels._validation import CAUSAL_NONE, causal_offset
+from adaattn_kernels.fp8.quant import (
+    _device_ctx,
+    _interpreting,
+    _unit_last_stride,
+    quantize_channels_t,
+    quantize_rows,
+)
+
+__all__ = ["fp8_attention_op"]
+
+
+def _tma_ready(t: torch.Tensor) -> torch.Tensor:
+    """``t`` itself if a TMA descriptor can address it (16-byte aligned base and strides)."""
+    size = t.element_size()
+    ok = t.data_ptr() % 16 == 0 and t.stride(-1) == 1
+    ok = ok and all(st > 0 and (st * size) % 16 == 0 for st in t.stride()[:-1])
+    return t if ok else t.contiguous()
+
+
+def _run(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    causal_mode: int,
+    scale: float,
+    pv_fp8: bool,
+    granularity: str,
+    block_size: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    from adaattn_kernels.flash._triton_kernels import seq_bucket
+    from adaattn_kernels.fp8._triton_kernels import BLOCK_N, PAD, _fp8_attn_fwd_kernel
+
+    q, k = _unit_last_stride(q), _unit_last_stride(k)
+    b, hq, sq, d = q.shape
+    hkv, sk = k.shape[1], k.shape[2]
+    qblock = 1 if granularity == "token" else block_size
+    mu = torch.mean(k, dim=-2, dtype=torch.float32)  # (B, Hkv, D): K smoothing
+    k8, ks = quantize_rows(k, granularity=granularity, block_size=block_size, mean=mu, pad_to=PAD)
+    skp = k8.shape[2]
+    desc_k = TensorDescriptor.from_tensor(k8.view(b * hkv * skp, d), [BLOCK_N, d])
+    if pv_fp8:
+        v8t, vs = quantize_channels_t(v, pad_to=PAD)  # (B, Hkv, D, Sk_pad), keys contiguous
+        desc_v = TensorDescriptor.from_tensor(v8t.view(b * hkv * d, skp), [d // 2, BLOCK_N])
+    else:
+        v16 = _tma_ready(v)
+        desc_v = TensorDescriptor(v16, list(v16.shape), list(v16.stride()), [1, 1, BLOCK_N, d // 2])
+        vs = mu  # unused by the kernel
+    # Q is quantised inside the attention kernel when every query tile lies in one scale group
+    # (every BLOCK_M divides PAD = 128); other block sizes take a separate pass.
+    fuse_q = qblock == 1 or qblock % PAD == 0
+    if fuse_q:
+        q8, qs = k8, ks  # unused by the kernel
+        n_qs = -(-sq // qblock)
+    else:
+        q8, qs = quantize_rows(q, granularity=granularity, block_size=block_size, pad_to=PAD)
+        n_qs = qs.shape[-1]
+    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    lse = torch.empty((b, hq, sq), dtype=torch.float32, device=q.device)
+    grid = lambda meta: (-(-sq // meta["BLOCK_M"]), b * hq)
+    with _device_ctx(q):
+        _fp8_attn_fwd_kernel[grid](
+            q, q8, qs, desc_k, ks, mu.contiguous(), desc_v, vs, out, lse,
+            q.stride(0), q.stride(1), q.stride(2),
+            out.stride(0), out.stride(1), out.stride(2),
+            hq, hq // hkv, sq, sk, q8.shape[2], skp, n_qs, ks.shape[-1],
+            causal_offset(causal_mode, sq, sk), scale,
+            seq_bucket(sq), seq_bucket(sk),
+            HEAD_DIM=d, Q_BLOCK=qblock, K_BLOCK=qblock,
+            CAUSAL=causal_mode != CAUSAL_NONE, PV_FP8=pv_fp8, FUSE_Q=fuse_q,
+            ROUND_SW=_interpreting(), BLOCK_N=BLOCK_N,
+        )  # fmt: skip
+    return out, lse
+
+
+@torch.library.custom_op("adaattn::fp8_attention", mutates_args=())
+def fp8_attention_op(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    causal_mode: int,
+    scale: float,
+    pv_fp8: bool,
+    granularity: str,
+    block_size: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """FP8 attention forward: ``(out, lse)``, ``lse`` float32 natural log ``(B, Hq, Sq)``."""
+    return _run(q, k, v, causal_mode, scale, pv_fp8, granularity, block_size)
+
+
+@fp8_attention_op.register_fake
+def _fp8_attention_fake(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    causal_mode: int,
+    scale: float,
+    pv_fp8: bool,
+    granularity: str,
+    block_size: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    lse = q.new_empty(q.shape[:-1], dtype=torch.float32)
+    return out, lse

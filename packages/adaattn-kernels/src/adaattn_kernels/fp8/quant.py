@@ -1,0 +1,195 @@
+"""Fused FP8 (e4m3) quantisation in Triton, bit-exact with :func:`adaattn_precision.quantize_fp8`.
+
+:func:`quantize_fp8_triton` is the public entry point (same numbers as
+``adaattn_precision.quantize_fp8(x, fmt="e4m3", granularity=..., block_size=...)``; one program
+per scale group reads its rows twice — maximum, then quantise, the second read from cache — and
+writes the FP8 tensor once). The attention op uses the internal helpers, which also
+subtract a per-channel mean on the fly (K smoothing), pad the token dimension to a multiple of
+128 with zeros so that the attention kernel needs no bounds checks, and write V transposed with
+per-channel scales.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from typing import Any
+
+import torch
+
+__all__ = ["TRITON_GRANULARITIES", "kernel_tile_n", "quantize_fp8_triton"]
+
+#: Granularities the Triton quantisation (and the FP8 attention op) implement.
+TRITON_GRANULARITIES = ("block", "token")
+_FP8 = torch.float8_e4m3fn
+_ROWS_TOKEN = 32
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def kernel_tile_n() -> int:
+    """Keys per tile of the FP8 attention kernel: 128 on the GPU, 32 under the interpreter.
+
+    The tile is fixed (not autotuned) because the running maximum at each tile boundary decides
+    how the probabilities are rounded to e4m3; :func:`~adaattn_kernels.fp8.fp8_attention_reference`
+    replays the same tiles.
+    """
+    return 32 if _interpreting() else 128
+
+
+def _device_ctx(t: torch.Tensor) -> contextlib.AbstractContextManager[Any]:
+    """Make ``t``'s GPU current while launching (Triton launches on the current device)."""
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
+
+
+def _pow2_at_least(n: int, lo: int = 16) -> int:
+    return max(lo, 1 << (n - 1).bit_length())
+
+
+def _padded(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple
+
+
+def _unit_last_stride(x: torch.Tensor) -> torch.Tensor:
+    return x if x.stride(-1) == 1 else x.contiguous()
+
+
+def quantize_rows(
+    x: torch.Tensor,
+    *,
+    granularity: str,
+    block_size: int,
+    mean: torch.Tensor | None = None,
+    pad_to: int = 1,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Quantise ``x`` (B, H, S, D) with scales over token blocks or tokens (validated inputs).
+
+    Args:
+        x: float16/bfloat16/float32 tensor ``(B, H, S, D)``.
+        granularity: ``"block"`` or ``"token"``.
+        block_size: Tokens per scale group for ``"block"``.
+        mean: Optional float32 ``(B, H, D)`` subtracted from every token before quantising.
+        pad_to: The token dimension of the result is padded with zeros to a multiple of this.
+
+    Returns:
+        ``(xq, scale)``: contiguous e4m3 ``(B, H, S_pad, D)`` and float32 ``(B, H, n_groups)``.
+    """
+    from adaattn_kernels.fp8._triton_kernels import _quant_rows_kernel
+
+    x = _unit_last_stride(x)
+    b, h, s, d = x.shape
+    sp = _padded(s, pad_to)
+    xq = torch.empty((b, h, sp, d), dtype=_FP8, device=x.device)
+    if sp > s:
+        xq[:, :, s:].view(torch.uint8).zero_()
+    qblock = 1 if granularity == "token" else block_size
+    n_groups = -(-s // qblock)
+    scale = torch.empty((b, h, n_groups), dtype=torch.float32, device=x.device)
+    if mean is not None:
+        mean = mean.to(torch.float32)
+        mean = _unit_last_stride(mean)
+    mu = mean if mean is not None else scale
+    mstrides = (mean.stride(0), mean.stride(1)) if mean is not None else (0, 0)
+    if qblock == 1:
+        rows = _ROWS_TOKEN
+        grid = (-(-s // rows), b * h)
+    else:
+        rows = min(32, _pow2_at_least(qblock, 1))
+        grid = (n_groups, b * h)
+    with _device_ctx(x):
+        _quant_rows_kernel[grid](
+            x, mu, xq, scale,
+            x.stride(0), x.stride(1), x.stride(2),
+            *mstrides,
+            h, s, sp, n_groups,
+            HEAD_DIM=d, BLOCK_D=_pow2_at_least(d), QBLOCK=qblock, ROWS=rows,
+            SMOOTH=mean is not None, ROUND_SW=True, num_warps=4,
+        )  # fmt: skip
+    return xq, scale
+
+
+def quantize_channels_t(v: torch.Tensor, *, pad_to: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """Quantise ``v`` (B, H, S, D) per channel and return it transposed.
+
+    Returns:
+        ``(vqt, scale)``: contiguous e4m3 ``(B, H, D, S_pad)`` (keys contiguous, zero padded to a
+        multiple of ``pad_to``) and float32 ``(B, H, D)`` — the numbers of
+        ``quantize_fp8(v.transpose(-1, -2), granularity="token")``.
+    """
+    from adaattn_kernels.fp8._triton_kernels import _quant_channels_t_kernel
+
+    v = _unit_last_stride(v)
+    b, h, s, d = v.shape
+    sp = _padded(s, pad_to)
+    # max |v| per channel without materialising |v| (exact: a maximum of stored values).
+    amax = torch.linalg.vector_norm(v, ord=float("inf"), dim=-2).to(torch.float32).contiguous()
+    vqt = torch.empty((b, h, d, sp), dtype=_FP8, device=v.device)
+    if sp > s:
+        vqt[..., s:].view(torch.uint8).zero_()
+    scale = torch.empty((b, h, d), dtype=torch.float32, device=v.device)
+    rows = 64
+    with _device_ctx(v):
+        _quant_channels_t_kernel[(-(-s // rows), b * h)](
+            v, amax, vqt, scale,
+            v.stride(0), v.stride(1), v.stride(2),
+            h, s, sp,
+            HEAD_DIM=d, BLOCK_D=_pow2_at_least(d), ROWS=rows, ROUND_SW=True, num_warps=4,
+        )  # fmt: skip
+    return vqt, scale
+
+
+def quantize_fp8_triton(
+    x: torch.Tensor, *, granularity: str = "block", block_size: int = 128
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Quantise ``x`` of shape ``(..., S, D)`` to e4m3 with a fused Triton kernel.
+
+    Produces exactly the tensors of ``adaattn_precision.quantize_fp8(x, fmt="e4m3",
+    granularity=granularity, block_size=block_size)`` (``margin=0``, no power-of-two scales):
+    ``scale = amax · float32(1/448)`` per group of ``block_size`` tokens (``"block"``) or per token
+    (``"token"``), and ``xq = round_to_nearest_even(clamp(x / scale, ±448))``. This is the
+    quantisation of Q and K inside :func:`~adaattn_kernels.fp8.fp8_attention`.
+
+    Args:
+        x: CUDA tensor (or CPU under ``TRITON_INTERPRET=1``) of dtype float16, bfloat16 or
+            float32 with at least 2 dims; finite (NaN/Inf are not checked here, to avoid a host
+            synchronisation; ``adaattn_precision.quantize_fp8`` checks them).
+        granularity: ``"block"`` or ``"token"``.
+        block_size: Tokens per block for ``"block"`` (≥ 1).
+
+    Returns:
+        ``(xq, scale)``: ``xq`` of ``x``'s shape and dtype ``torch.float8_e4m3fn``; ``scale``
+        float32 of shape ``(..., ceil(S / block_size))`` or ``(..., S)``.
+
+    Raises:
+        TypeError: ``x`` is not a tensor of a supported dtype, or ``block_size`` is not an int.
+        ValueError: bad granularity, block size, rank, empty input, or a device the kernel
+            cannot run on.
+    """
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"`x` must be a torch.Tensor, got {type(x).__name__}")
+    if x.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        raise TypeError(f"`x` has dtype {x.dtype}; supported are float16, bfloat16, float32")
+    if granularity not in TRITON_GRANULARITIES:
+        raise ValueError(
+            f"`granularity` must be one of {TRITON_GRANULARITIES}, got {granularity!r}; "
+            "use adaattn_precision.quantize_fp8 for per-tensor scales"
+        )
+    if isinstance(block_size, bool) or not isinstance(block_size, int):
+        raise TypeError(f"`block_size` must be an int, got {type(block_size).__name__}")
+    if block_size < 1:
+        raise ValueError(f"`block_size` must be ≥ 1, got {block_size}")
+    if x.dim() < 2:
+        raise ValueError(f"`x` must have shape (..., S, D), got {tuple(x.shape)}")
+    if x.numel() == 0:
+        raise ValueError(f"`x` is empty (shape {tuple(x.shape)})")
+    if not x.is_cuda and not (x.device.type == "cpu" and _interpreting()):
+        raise ValueError(
+            f"`x` is on {x.device}; the Triton quantisation needs a CUDA tensor (or a CPU tensor "
+            "with TRITON_INTERPRET=1); use adaattn_precision.quantize_fp8 instead"
+        )
+    s, d = x.shape[-2], x.shape[-1]
+    x4 = x.reshape(1, -1, s, d)
+    xq, scale = quantize_rows(x4, granularity=granularity, block_size=block_size)
+    return xq.reshape(x.shape), scale.reshape(*x.shape[:-2], scale.shape[-1])
