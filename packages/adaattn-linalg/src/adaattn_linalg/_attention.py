@@ -37,7 +37,9 @@ class AttentionProblem:
     sq: int  # query length of the full problem (causal alignment uses it)
     row_pos: torch.Tensor | None  # (R,) sorted row positions on the device; None = all rows
     row_pos_host: list[int] | None
-    mask: torch.Tensor | None  # view broadcast to (*B, Hq, Sq, Sk); bool (True = attend) or additive
+    mask: (
+        torch.Tensor | None
+    )  # view broadcast to (*B, Hq, Sq, Sk); bool (True = attend) or additive
     causal_offset: int | None  # key j allowed iff j <= pos + offset
     window: int | None  # local window (see `window_allows`)
     window_causal: bool
@@ -137,7 +139,7 @@ class AttentionProblem:
 
 
 def _pow2_floor(x: float) -> int:
-    return 1 << max(0, int(math.floor(math.log2(max(x, 1.0)))))
+    return 1 << max(0, math.floor(math.log2(max(x, 1.0))))
 
 
 def choose_blocks(
@@ -160,8 +162,7 @@ def prepare(
     k: Any,
     *,
     scale: float | None,
-    causal: bool,
-    causal_alignment: str,
+    causal: bool | str,
     mask: Any,
     rows: torch.Tensor | None = None,
     window: int | None = None,
@@ -206,10 +207,13 @@ def prepare(
     if scale is None:
         scale = 1.0 / math.sqrt(d)
     scale = check_float(scale, "scale", positive=True)
-    if not isinstance(causal, bool):
-        raise TypeError(f"`causal` must be a bool, got {type(causal).__name__}")
-    check_choice(causal_alignment, "causal_alignment", ("bottom_right", "top_left"))
-    diag_offset = sk - sq if causal_alignment == "bottom_right" else 0
+    if isinstance(causal, str):
+        check_choice(causal, "causal", ("bottom_right", "top_left"))
+    elif not isinstance(causal, bool):
+        raise TypeError(
+            f"`causal` must be a bool, 'bottom_right' or 'top_left', got {type(causal).__name__}"
+        )
+    diag_offset = 0 if causal == "top_left" else sk - sq
 
     lead = tuple(q.shape[:-3])
     batch_shape = (*lead, hq)
@@ -266,9 +270,9 @@ def prepare(
         row_pos=row_pos,
         row_pos_host=row_pos_host,
         mask=mask_view,
-        causal_offset=diag_offset if causal else None,
+        causal_offset=diag_offset if causal is not False else None,
         window=window,
-        window_causal=causal,
+        window_causal=causal is not False,
         diag_offset=diag_offset,
         block_q=bq,
         block_k=bk,

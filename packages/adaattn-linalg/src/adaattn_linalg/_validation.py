@@ -37,7 +37,9 @@ def check_tensor(
             f"got {x.dtype}; convert it with `{name}.float()`"
         )
     if ndim is not None and x.ndim != ndim:
-        raise ValueError(f"`{name}` must have exactly {ndim} dimensions, got shape {tuple(x.shape)}")
+        raise ValueError(
+            f"`{name}` must have exactly {ndim} dimensions, got shape {tuple(x.shape)}"
+        )
     if x.ndim < min_ndim:
         raise ValueError(
             f"`{name}` must have at least {min_ndim} dimensions, got shape {tuple(x.shape)}"
@@ -55,7 +57,9 @@ def check_no_nan(x: torch.Tensor, name: str) -> None:
         raise ValueError(f"`{name}` contains NaN or +Inf values; only -inf (masked) is allowed")
 
 
-def check_int(value: Any, name: str, *, minimum: int | None = None, maximum: int | None = None) -> int:
+def check_int(
+    value: Any, name: str, *, minimum: int | None = None, maximum: int | None = None
+) -> int:
     """Check that ``value`` is an integer (not a bool) within ``[minimum, maximum]``."""
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise TypeError(f"`{name}` must be an int, got {type(value).__name__}")
@@ -105,7 +109,9 @@ def make_generator(
         raise ValueError("pass either `seed` or `generator`, not both")
     if generator is not None:
         if not isinstance(generator, torch.Generator):
-            raise TypeError(f"`generator` must be a torch.Generator, got {type(generator).__name__}")
+            raise TypeError(
+                f"`generator` must be a torch.Generator, got {type(generator).__name__}"
+            )
         return generator
     if seed is None:
         return None
@@ -127,7 +133,9 @@ def randn(
     generator: torch.Generator | None,
 ) -> torch.Tensor:
     """Standard normal samples on ``device``, drawn on the generator's device."""
-    out = torch.randn(shape, dtype=dtype, device=_draw_device(generator, device), generator=generator)
+    out = torch.randn(
+        shape, dtype=dtype, device=_draw_device(generator, device), generator=generator
+    )
     return out.to(device)
 
 

@@ -153,12 +153,10 @@ class AttentionOperator:
         k: Keys ``(*B, Hkv, Sk, D)``; ``Hq`` must be a multiple of ``Hkv`` (grouped-query
             attention, query head ``h`` reads key head ``h // (Hq // Hkv)``).
         scale: Score scale; default ``1/√D``.
-        causal: Mask keys after the query's diagonal.
-        causal_alignment: ``"bottom_right"`` (default; query ``i`` may see keys
-            ``j ≤ i + Sk - Sq``, as FlashAttention ≥ 2.1 and
-            ``torch.nn.attention.bias.causal_lower_right``) or ``"top_left"`` (``j ≤ i``, as
-            ``torch.nn.functional.scaled_dot_product_attention(is_causal=True)``). The two agree
-            when ``Sq == Sk``.
+        causal: ``False`` (default); ``True`` or ``"bottom_right"``: query ``i`` may see keys
+            ``j ≤ i + Sk - Sq`` (FlashAttention ≥ 2.1, ``causal_lower_right``, and
+            ``adaattn_kernels.attention``); ``"top_left"``: keys ``j ≤ i``, what
+            ``scaled_dot_product_attention(is_causal=True)`` does. Same when ``Sq == Sk``.
         mask: Boolean (True = may attend) or additive float mask broadcastable to
             ``(*B, Hq, Sq, Sk)``.
         block_q: Query rows per tile (default: chosen from the problem size).
@@ -171,8 +169,7 @@ class AttentionOperator:
         k: torch.Tensor,
         *,
         scale: float | None = None,
-        causal: bool = False,
-        causal_alignment: str = "bottom_right",
+        causal: bool | str = False,
         mask: torch.Tensor | None = None,
         block_q: int | None = None,
         block_k: int | None = None,
@@ -182,7 +179,6 @@ class AttentionOperator:
             k,
             scale=scale,
             causal=causal,
-            causal_alignment=causal_alignment,
             mask=mask,
             block_q=block_q,
             block_k=block_k,
