@@ -66,8 +66,10 @@ def _interpreter_env() -> dict[str, str]:
 
 
 def _is_passthrough(session: nox.Session) -> bool:
-    return session.venv_backend == "none" or not getattr(session, "virtualenv", None) or (
-        type(session.virtualenv).__name__ == "PassthroughEnv"
+    return (
+        session.venv_backend == "none"
+        or not getattr(session, "virtualenv", None)
+        or (type(session.virtualenv).__name__ == "PassthroughEnv")
     )
 
 
@@ -99,7 +101,7 @@ def tests_cpu(session: nox.Session) -> None:
 
 
 def _tests_one(session: nox.Session, package: str) -> None:
-    mod, siblings = PACKAGES[package]
+    _, siblings = PACKAGES[package]
     _install_torch(session)
     extra = ["triton"] if package in ("adaattn-kernels", "adaattn") else []
     session.install("-c", str(CONSTRAINTS), *TEST_DEPS, *extra)

@@ -54,7 +54,7 @@ def packages() -> dict[str, Package]:
         about = pyproject.parent / data["tool"]["hatch"]["version"]["path"]
         match = _VERSION_RE.search(about.read_text())
         if not match:
-            raise SystemExit(f"{about}: no __version__ = \"...\" line")
+            raise SystemExit(f'{about}: no __version__ = "..." line')
         found[project["name"]] = Package(
             name=project["name"],
             path=pyproject.parent,

@@ -35,7 +35,9 @@ def shakespeare_text(min_chars: int) -> tuple[str, str]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawTextHelpFormatter
+    )
     parser.add_argument("--seq", type=int, default=8192)
     parser.add_argument("--layers", type=int, nargs="+", default=[3, 15, 27])
     parser.add_argument("--out", type=Path, default=Path(".carry/qkv"))

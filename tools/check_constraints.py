@@ -9,10 +9,9 @@ from __future__ import annotations
 
 import sys
 
+from _workspace import packages, split_requirement
 from packaging.specifiers import SpecifierSet
 from packaging.version import Version
-
-from _workspace import packages, split_requirement
 
 
 def main() -> int:
