@@ -27,7 +27,7 @@ __all__ = [
     "resolve_scale",
 ]
 
-CausalArg = Union[bool, Literal["top_left", "bottom_right"]]
+CausalArg = Union[bool, Literal["top_left", "bottom_right"]]  # noqa: UP007 (runtime alias, py3.10)
 
 # Integer codes for the causal convention, used in custom-op schemas (which take plain types).
 CAUSAL_NONE = 0
@@ -64,7 +64,11 @@ class AttentionShape:
 
 
 def check_attention_inputs(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, allowed_dtypes: tuple[torch.dtype, ...] = _FLOAT_DTYPES
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    allowed_dtypes: tuple[torch.dtype, ...] = _FLOAT_DTYPES,
 ) -> AttentionShape:
     """Validate ``q`` (B, Hq, Sq, D) and ``k``, ``v`` (B, Hkv, Sk, D) and return their sizes.
 
@@ -118,7 +122,7 @@ def check_attention_inputs(
 
 
 def normalize_causal(causal: CausalArg) -> int:
-    """Map the public ``causal`` argument to ``CAUSAL_NONE`` / ``CAUSAL_TOP_LEFT`` / ``..._BOTTOM_RIGHT``.
+    """Map the public ``causal`` argument to a ``CAUSAL_*`` integer code.
 
     ``True`` means bottom-right alignment (FlashAttention's convention: query ``i`` attends keys
     ``j ≤ i + Sk − Sq``); ``"top_left"`` is ``torch.nn.functional.scaled_dot_product_attention``'s
@@ -133,13 +137,11 @@ def normalize_causal(causal: CausalArg) -> int:
         return CAUSAL_BOTTOM_RIGHT
     if causal == "top_left":
         return CAUSAL_TOP_LEFT
-    raise ValueError(
-        f"`causal` must be False, True, 'top_left' or 'bottom_right', got {causal!r}"
-    )
+    raise ValueError(f"`causal` must be False, True, 'top_left' or 'bottom_right', got {causal!r}")
 
 
 def causal_offset(mode: int, seq_q: int, seq_k: int) -> int:
-    """Diagonal offset ``o``: under a causal ``mode`` query ``i`` may attend key ``j`` iff ``j ≤ i + o``."""
+    """Diagonal offset ``o``: in causal ``mode`` query ``i`` sees key ``j`` iff ``j ≤ i + o``."""
     if mode == CAUSAL_BOTTOM_RIGHT:
         return seq_k - seq_q
     return 0
@@ -175,7 +177,9 @@ def check_mask(attn_mask: torch.Tensor | None, shape: AttentionShape, device: to
     if attn_mask is None:
         return
     if not isinstance(attn_mask, torch.Tensor):
-        raise TypeError(f"`attn_mask` must be a torch.Tensor or None, got {type(attn_mask).__name__}")
+        raise TypeError(
+            f"`attn_mask` must be a torch.Tensor or None, got {type(attn_mask).__name__}"
+        )
     if attn_mask.dtype != torch.bool and not attn_mask.dtype.is_floating_point:
         raise TypeError(
             f"`attn_mask` has dtype {attn_mask.dtype}; pass a bool mask (True = may attend) or a "
@@ -188,7 +192,9 @@ def check_mask(attn_mask: torch.Tensor | None, shape: AttentionShape, device: to
         )
     target = (shape.batch, shape.heads_q, shape.seq_q, shape.seq_k)
     if attn_mask.dim() > 4:
-        raise ValueError(f"`attn_mask` must have at most 4 dims, got shape {tuple(attn_mask.shape)}")
+        raise ValueError(
+            f"`attn_mask` must have at most 4 dims, got shape {tuple(attn_mask.shape)}"
+        )
     padded = (1,) * (4 - attn_mask.dim()) + tuple(attn_mask.shape)
     for got, want in zip(padded, target):
         if got not in (1, want):

@@ -22,6 +22,8 @@ __all__ = ["TRITON_HEAD_DIMS", "attention", "triton_unsupported_reason"]
 TRITON_HEAD_DIMS = (32, 64, 96, 128, 256)
 _TRITON_DTYPES = (torch.float16, torch.bfloat16)
 _BACKENDS = ("auto", "triton", "reference")
+# The kernels launch one grid row per (batch, head): CUDA caps grid.y at 65535.
+_MAX_GRID_Y = 65535
 
 
 def _interpreting() -> bool:
@@ -60,6 +62,12 @@ def triton_unsupported_reason(
         return (
             f"head_dim {shape.head_dim} (last dim of `q`) is not one of {TRITON_HEAD_DIMS}; pad "
             "the head dimension or use backend='reference'"
+        )
+    if shape.batch * shape.heads_q > _MAX_GRID_Y:
+        return (
+            f"batch × heads of `q` is {shape.batch * shape.heads_q}, above the {_MAX_GRID_Y} "
+            "programs a CUDA grid allows in its second dimension; split the batch or use "
+            "backend='reference'"
         )
     if attn_mask is not None and attn_mask.requires_grad:
         return (
@@ -139,7 +147,9 @@ def attention(
     elif backend == "auto":
         # CPU tensors go to the reference even under TRITON_INTERPRET (the interpreter is for
         # tests); on CUDA every unsupported case falls back to the exact reference.
-        use_triton = q.device.type == "cuda" and triton_unsupported_reason(q, shape, attn_mask) is None
+        use_triton = (
+            q.device.type == "cuda" and triton_unsupported_reason(q, shape, attn_mask) is None
+        )
     if use_triton:
         from adaattn_kernels.flash.op import flash_attention_op
 

@@ -3,10 +3,7 @@
 This is the ground truth the Triton kernels are tested against, and the ``backend="reference"``
 (and CPU ``"auto"``) path of :func:`adaattn_kernels.attention`. It computes
 
-.. math::
-
-    O = \\operatorname{softmax}(s\\, Q K^\\top + M)\\, V, \\qquad
-    \\mathrm{lse}_i = \\log \\sum_j \\exp(s\\, q_i \\cdot k_j + M_{ij})
+    O = softmax(s · Q Kᵀ + M) V,    lse_i = log Σ_j exp(s · q_i·k_j + M_ij)
 
 (Vaswani et al. 2017, "Attention Is All You Need", Eq. 1), in chunks of queries so that the extra
 memory is ``O(chunk · Sk)`` rather than ``O(Sq · Sk)``, with float32 accumulation for 16-bit inputs
@@ -19,6 +16,7 @@ import torch
 
 from adaattn_kernels._validation import (
     CAUSAL_NONE,
+    AttentionShape,
     CausalArg,
     causal_offset,
     check_attention_inputs,
@@ -101,8 +99,6 @@ def _reference_forward(
     vg = v.to(acc).unsqueeze(2)
     mask = None
     if attn_mask is not None:
-        from adaattn_kernels._validation import AttentionShape
-
         mask = expand_mask(attn_mask, AttentionShape(b, hq, hkv, sq, sk, d)).reshape(
             b, hkv, g, sq, sk
         )

@@ -12,6 +12,8 @@ assumed validated by :func:`adaattn_kernels.attention`.
 """
 
 # No `from __future__ import annotations` here: custom_op infers the schema from annotations.
+import contextlib
+import os
 from typing import Any, Optional
 
 import torch
@@ -33,7 +35,7 @@ def _last_dim_contiguous(t: torch.Tensor) -> torch.Tensor:
 
 
 def _mask_args(
-    mask: Optional[torch.Tensor], shape: AttentionShape, dummy: torch.Tensor
+    mask: torch.Tensor | None, shape: AttentionShape, dummy: torch.Tensor
 ) -> tuple[torch.Tensor, tuple[int, int, int, int], int]:
     """Kernel view of the mask: (tensor, 4 strides, MASK_KIND)."""
     if mask is None:
@@ -55,39 +57,92 @@ def _block_d(d: int) -> int:
     return max(16, 1 << (d - 1).bit_length())
 
 
-def _run_forward(
+def _use_tma(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, head_dim: int) -> bool:
+    """Whether the forward streams K/V tiles through host-side TMA descriptors (opt-in).
+
+    ``ADAATTN_FLASH_TMA=1`` enables it on Hopper and newer. Off by default: on an H200 with
+    Triton 3.6 it measured 1–8 % slower than the cp.async pointer path (tools/bench/tune_flash.py).
+    """
+    if os.environ.get("ADAATTN_FLASH_TMA", "0") != "1" or not q.is_cuda:
+        return False
+    if torch.cuda.get_device_capability(q.device)[0] < 9 or _block_d(head_dim) != head_dim:
+        return False
+    try:
+        from triton.tools.tensor_descriptor import TensorDescriptor  # noqa: F401
+    except ImportError:  # pragma: no cover - triton < 3.4
+        return False
+    # The descriptors view K and V as (B·Hkv·Sk, D) row-major matrices.
+    return all(t.is_contiguous() and t.data_ptr() % 16 == 0 for t in (k, v))
+
+
+def forward_launch(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
-    mask: Optional[torch.Tensor],
+    mask: torch.Tensor | None,
     causal_mode: int,
     scale: float,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    from adaattn_kernels.flash._triton_kernels import _fwd_kernel, seq_bucket
+    *,
+    use_tma: bool | None = None,
+) -> tuple[tuple[Any, ...], dict[str, Any], torch.Tensor, torch.Tensor]:
+    """Positional args, constexpr kwargs and outputs of one ``_fwd_kernel`` launch.
 
-    q, k, v = _last_dim_contiguous(q), _last_dim_contiguous(k), _last_dim_contiguous(v)
+    Shared by the op and by ``tools/bench/tune_flash.py`` (which launches the un-tuned kernel
+    with explicit tile sizes). ``q``, ``k``, ``v`` must have a contiguous last dimension.
+    """
+    from adaattn_kernels.flash._triton_kernels import seq_bucket
+
     shp = _shape(q, k)
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     lse = torch.empty((shp.batch, shp.heads_q, shp.seq_q), dtype=torch.float32, device=q.device)
     m, ms, kind = _mask_args(mask, shp, q)
-    grid = lambda meta: (  # noqa: E731
-        triton_cdiv(shp.seq_q, meta["BLOCK_M"]),
-        shp.batch * shp.heads_q,
-    )
-    with torch.cuda.device(q.device) if q.is_cuda else _nullcontext():
-        _fwd_kernel[grid](
-            q, k, v, m, out, lse,
-            q.stride(0), q.stride(1), q.stride(2),
-            k.stride(0), k.stride(1), k.stride(2),
-            v.stride(0), v.stride(1), v.stride(2),
-            *ms,
-            out.stride(0), out.stride(1), out.stride(2),
-            shp.heads_q, shp.group, shp.seq_q, shp.seq_k,
-            causal_offset(causal_mode, shp.seq_q, shp.seq_k), scale * _LOG2E,
-            seq_bucket(shp.seq_q), seq_bucket(shp.seq_k),
-            HEAD_DIM=shp.head_dim, BLOCK_D=_block_d(shp.head_dim),
-            CAUSAL=causal_mode != CAUSAL_NONE, MASK_KIND=kind,
-        )  # fmt: skip
+    tma = _use_tma(q, k, v, shp.head_dim) if use_tma is None else use_tma
+    desc_k: Any = k
+    desc_v: Any = v
+    if tma:
+        from triton.tools.tensor_descriptor import TensorDescriptor
+
+        d = shp.head_dim
+        rows = shp.batch * shp.heads_kv * shp.seq_k
+        desc_k = TensorDescriptor(k.view(rows, d), [rows, d], [d, 1], [64, d])
+        desc_v = TensorDescriptor(v.view(rows, d), [rows, d], [d, 1], [64, d])
+    args = (
+        q, k, v, m, out, lse, desc_k, desc_v,
+        q.stride(0), q.stride(1), q.stride(2),
+        k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2),
+        *ms,
+        out.stride(0), out.stride(1), out.stride(2),
+        shp.heads_q, shp.group, shp.seq_q, shp.seq_k,
+        causal_offset(causal_mode, shp.seq_q, shp.seq_k), scale * _LOG2E,
+        seq_bucket(shp.seq_q), seq_bucket(shp.seq_k),
+    )  # fmt: skip
+    kwargs = {
+        "HEAD_DIM": shp.head_dim,
+        "BLOCK_D": _block_d(shp.head_dim),
+        "CAUSAL": causal_mode != CAUSAL_NONE,
+        "MASK_KIND": kind,
+        "USE_TMA": tma,
+    }
+    return args, kwargs, out, lse
+
+
+def _run_forward(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    mask: torch.Tensor | None,
+    causal_mode: int,
+    scale: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    from adaattn_kernels.flash._triton_kernels import _fwd_kernel
+
+    q, k, v = _last_dim_contiguous(q), _last_dim_contiguous(k), _last_dim_contiguous(v)
+    args, kwargs, out, lse = forward_launch(q, k, v, mask, causal_mode, scale)
+    batch_heads = q.shape[0] * q.shape[1]
+    grid = lambda meta: (triton_cdiv(q.shape[2], meta["BLOCK_M"]), batch_heads)
+    with torch.cuda.device(q.device) if q.is_cuda else contextlib.nullcontext():
+        _fwd_kernel[grid](*args, **kwargs)
     return out, lse
 
 
@@ -96,10 +151,10 @@ def _run_backward(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
-    mask: Optional[torch.Tensor],
+    mask: torch.Tensor | None,
     out: torch.Tensor,
     lse: torch.Tensor,
-    dlse: Optional[torch.Tensor],
+    dlse: torch.Tensor | None,
     causal_mode: int,
     scale: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -126,7 +181,7 @@ def _run_backward(
     diag = causal_offset(causal_mode, shp.seq_q, shp.seq_k)
     causal = causal_mode != CAUSAL_NONE
     buckets = (seq_bucket(shp.seq_q), seq_bucket(shp.seq_k))
-    with torch.cuda.device(q.device) if q.is_cuda else _nullcontext():
+    with torch.cuda.device(q.device) if q.is_cuda else contextlib.nullcontext():
         block = 64 if bd <= 128 else 32
         _bwd_delta_kernel[(triton_cdiv(shp.seq_q, block), shp.batch * shp.heads_q)](
             out, do, dlse_t, delta,
@@ -135,10 +190,7 @@ def _run_backward(
             shp.heads_q, shp.seq_q,
             HEAD_DIM=shp.head_dim, BLOCK_D=bd, HAS_DLSE=has_dlse, BLOCK_M=block,
         )  # fmt: skip
-        grid_kv = lambda meta: (  # noqa: E731
-            triton_cdiv(shp.seq_k, meta["BLOCK_N"]),
-            shp.batch * shp.heads_kv,
-        )
+        grid_kv = lambda meta: (triton_cdiv(shp.seq_k, meta["BLOCK_N"]), shp.batch * shp.heads_kv)
         _bwd_dkdv_kernel[grid_kv](
             q, k, v, m, do, lse, delta, dk, dv,
             q.stride(0), q.stride(1), q.stride(2),
@@ -152,10 +204,7 @@ def _run_backward(
             scale * _LOG2E, scale, *buckets,
             HEAD_DIM=shp.head_dim, BLOCK_D=bd, CAUSAL=causal, MASK_KIND=kind,
         )  # fmt: skip
-        grid_q = lambda meta: (  # noqa: E731
-            triton_cdiv(shp.seq_q, meta["BLOCK_M"]),
-            shp.batch * shp.heads_q,
-        )
+        grid_q = lambda meta: (triton_cdiv(shp.seq_q, meta["BLOCK_M"]), shp.batch * shp.heads_q)
         _bwd_dq_kernel[grid_q](
             q, k, v, m, do, lse, delta, dq,
             q.stride(0), q.stride(1), q.stride(2),
@@ -174,14 +223,6 @@ def _run_backward(
 def triton_cdiv(a: int, b: int) -> int:
     """Ceiling division."""
     return -(-a // b)
-
-
-class _nullcontext:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: object) -> None:
-        return None
 
 
 @torch.library.custom_op("adaattn::flash_attention", mutates_args=())
@@ -257,8 +298,10 @@ def _setup_context(ctx: Any, inputs: tuple[Any, ...], output: tuple[Any, ...]) -
 
 
 def _backward(
-    ctx: Any, dout: Optional[torch.Tensor], dlse: Optional[torch.Tensor]  # noqa: UP045
-) -> tuple[Optional[torch.Tensor], ...]:  # noqa: UP045
+    ctx: Any,
+    dout: torch.Tensor | None,
+    dlse: torch.Tensor | None,
+) -> tuple[torch.Tensor | None, ...]:
     q, k, v, mask, out, lse = ctx.saved_tensors
     if dout is None:
         dout = torch.zeros_like(out)
