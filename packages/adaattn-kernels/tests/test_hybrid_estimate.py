@@ -1,0 +1,162 @@
+"""Sampled error estimator and cheap predictor of hybrid plans (plain CPU)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from adaattn_kernels import attention_reference
+from adaattn_kernels.hybrid import (
+    HybridPlan,
+    estimate_hybrid_error,
+    exact_attention_rows,
+    hybrid_attention_reference,
+    predict_hybrid_error,
+    sample_query_rows,
+)
+from adaattn_kernels.hybrid.estimate import _exact_scores, _implied_weights, _softmax_rows
+from adaattn_kernels.hybrid.naive import _expand_kv
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+
+def _heads(b, hq, hkv, s, d, seed, temps):
+    """Random heads whose query norm (inverse temperature) varies per head: diffuse to peaked."""
+    g = torch.Generator().manual_seed(seed)
+    t = torch.tensor(temps, dtype=torch.float64)[None, :, None, None]
+    q = torch.randn(b, hq, s, d, generator=g, dtype=torch.float64) * t
+    k = torch.randn(b, hkv, s, d, generator=g, dtype=torch.float64)
+    v = torch.randn(b, hkv, s, d, generator=g, dtype=torch.float64)
+    return q, k, v
+
+
+def _true_error(q, k, v, plan, causal):
+    out = hybrid_attention_reference(q, k, v, plan, causal=causal)
+    ref = attention_reference(q, k, v, causal=causal)
+    return ((out - ref).square().sum((-1, -2)) / ref.square().sum((-1, -2))).sqrt()
+
+
+@settings(max_examples=25, deadline=None)
+@given(sq=st.integers(1, 500), m=st.integers(1, 80), seed=st.integers(0, 2**31 - 1))
+def test_sample_rows_stratified(sq, m, seed):
+    rows = sample_query_rows(sq, m, generator=torch.Generator().manual_seed(seed))
+    assert rows.numel() == min(m, sq)
+    assert bool((rows[1:] > rows[:-1]).all())  # sorted and distinct
+    assert int(rows.min()) >= 0
+    assert int(rows.max()) < sq
+    if m < sq:  # one row per stratum [ceil(i·sq/m), ceil((i+1)·sq/m))
+        i = torch.arange(m, dtype=torch.float64)
+        assert bool((rows >= (i * sq / m).ceil()).all())
+        assert bool((rows < ((i + 1) * sq / m).ceil()).all())
+
+
+def test_sample_rows_errors():
+    with pytest.raises(ValueError, match="num_samples"):
+        sample_query_rows(10, 0)
+
+
+def test_exact_attention_rows_matches_full():
+    q, k, v = _heads(1, 4, 2, 50, 8, seed=0, temps=[1, 1, 1, 1])
+    rows = torch.tensor([0, 7, 49])
+    for causal in (False, True):
+        full = attention_reference(q, k, v, causal=causal)
+        torch.testing.assert_close(
+            exact_attention_rows(q, k, v, rows, causal=causal), full[:, :, rows]
+        )
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_estimate_with_all_rows_is_the_true_error(causal):
+    q, k, v = _heads(1, 4, 2, 96, 16, seed=1, temps=[0.2, 0.5, 1.0, 2.0])
+    plan = HybridPlan.build(1, 4, seq_len_k=96, window=torch.tensor([8, 16, 4, 8]), rank=12,
+                            sinks=2, exact=torch.tensor([False, False, False, True]))  # fmt: skip
+    est = estimate_hybrid_error(q, k, v, plan, causal=causal, num_samples=96)
+    true = _true_error(q, k, v, plan, causal)
+    torch.testing.assert_close(est.double(), true, rtol=1e-5, atol=1e-7)
+    assert float(est[0, 3]) == 0.0  # exact head
+    assert float(est[0, 2]) > 1e-3  # a genuinely approximate head
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_estimate_within_2x_on_random_heads(causal):
+    """The acceptance criterion on synthetic heads: estimate ≥ true / 2 on ≥ 95% of heads."""
+    temps = [0.05, 0.1, 0.2, 0.3, 0.5, 0.7, 1.0, 1.5]
+    q, k, v = _heads(2, 8, 4, 384, 16, seed=2, temps=temps)
+    plan = HybridPlan.uniform(2, 8, seq_len_k=384, window=32, rank=24, sinks=4)
+    est = estimate_hybrid_error(
+        q, k, v, plan, causal=causal, num_samples=32, generator=torch.Generator().manual_seed(3)
+    ).double()
+    true = _true_error(q, k, v, plan, causal)
+    ok = (est >= true / 2) & (est <= 2 * true)
+    assert float(ok.double().mean()) >= 0.95, (est, true)
+
+
+def test_estimate_errors():
+    q, k, v = _heads(1, 2, 2, 16, 8, seed=4, temps=[1, 1])
+    plan = HybridPlan.uniform(1, 2, seq_len_k=16, window=4, rank=4)
+    with pytest.raises(ValueError, match="num_samples"):
+        estimate_hybrid_error(q, k, v, plan, num_samples=0)
+    bad = q.clone()
+    bad[0, 0, 3, 1] = float("nan")
+    with pytest.raises(ValueError, match="NaN"):
+        estimate_hybrid_error(bad, k, v, plan)
+    with pytest.raises(ValueError, match="plan"):
+        estimate_hybrid_error(q, k, v, HybridPlan.exact(1, 3))
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_implied_distribution_reproduces_hybrid_output(causal):
+    """Identity behind the predictor: hybrid output = attention with the implied p̃."""
+    q, k, v = _heads(1, 3, 1, 60, 8, seed=5, temps=[0.5, 1.0, 2.0])
+    plan = HybridPlan.build(
+        1, 3, seq_len_k=60, window=torch.tensor([5, 9, 13]), rank=torch.tensor([6, 10, 20]),
+        sinks=torch.tensor([0, 2, 7]),
+    )  # fmt: skip
+    mode = 2 if causal else 0
+    rows = torch.arange(60)
+    s = _exact_scores(q, rows, k, mode, 8**-0.5, 60)
+    p_tilde, _ = _implied_weights(_softmax_rows(s), s, plan, rows, 60, mode)
+    got = torch.matmul(p_tilde, _expand_kv(v, 3))
+    want = hybrid_attention_reference(q, k, v, plan, causal=causal)
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-12)
+
+
+def test_predictor_exact_limits_and_ordering():
+    q, k, v = _heads(1, 4, 2, 128, 16, seed=6, temps=[0.1, 0.3, 1.0, 2.0])
+    pred = predict_hybrid_error(
+        q, k, v, windows=[4, 32, 128], ranks=[8, 32, 128], causal=True, num_samples=128
+    )
+    assert pred.error.shape == (1, 4, 3, 3)
+    # rank = Sk (segment 1) or window = Sk: no approximation at all
+    assert float(pred.error[..., :, 2].abs().max()) < 1e-6
+    assert float(pred.error[..., 2, :].abs().max()) < 1e-6
+    # sharper heads (larger query norm) are harder to pool
+    e = pred.error[0, :, 0, 0]
+    assert bool((e[1:] > e[:-1]).all()), e
+    assert bool((pred.entropy[0, 1:] < pred.entropy[0, :-1]).all())
+    ok, w, r = pred.best(budget=float(e[0]) * 1.01)
+    assert bool(ok[0, 0])
+    assert int(w[0, 0]) == 4
+    assert int(r[0, 0]) == 8
+
+
+def test_predictor_tracks_true_error_for_random_values():
+    """For values independent of the scores the predictor's model holds: within 2× of truth."""
+    q, k, v = _heads(1, 6, 3, 256, 16, seed=7, temps=[0.1, 0.2, 0.4, 0.7, 1.0, 1.5])
+    pred = predict_hybrid_error(
+        q, k, v, windows=[16], ranks=[16], sinks=2, causal=False, num_samples=64,
+        generator=torch.Generator().manual_seed(8),
+    )  # fmt: skip
+    plan = HybridPlan.uniform(1, 6, seq_len_k=256, window=16, rank=16, sinks=2)
+    true = _true_error(q, k, v, plan, False)
+    ratio = pred.error[..., 0, 0].double() / true
+    assert bool(((ratio > 0.5) & (ratio < 2.0)).all()), ratio
+
+
+def test_predictor_errors():
+    q, k, v = _heads(1, 2, 2, 16, 8, seed=9, temps=[1, 1])
+    with pytest.raises(ValueError, match="windows"):
+        predict_hybrid_error(q, k, v, windows=[], ranks=[4])
+    with pytest.raises(ValueError, match="ranks"):
+        predict_hybrid_error(q, k, v, windows=[4], ranks=[0])
+    with pytest.raises(ValueError, match="sinks"):
+        predict_hybrid_error(q, k, v, windows=[4], ranks=[4], sinks=-1)
