@@ -1,7 +1,12 @@
-"""FP8 attention forward vs SDPA (cuDNN, flash) bf16 and SageAttention 1.0.6, same run.
+"""8-bit attention forward (int8 / FP8 Q·Kᵀ) vs SDPA (cuDNN, flash) bf16 and SageAttention.
 
     python -m tools.bench.bench_fp8            # the ANCHORS grid, writes results/fp8.json
     python -m tools.bench.bench_fp8 --quick    # one shape per head_dim (smoke test)
+
+Methods: ``fp8`` / ``fp8_pv16`` (e4m3 Q·Kᵀ; P·V e4m3 / 16-bit), ``int8`` / ``int8_pv16`` (int8
+Q·Kᵀ with int32 accumulation, the op's default ``qk_dtype``), ``int8_qtok_pv16`` (int8 with
+per-token Q scales, ``granularity="q_token"``), SDPA cuDNN and flash (bf16), SageAttention 1
+(``sage1``, fp16) — all in the same process and run.
 
 Grid (shared/ANCHORS.md): batch × seq = 16k tokens, heads × head_dim = 2048, head_dim 64/128,
 causal or not, seq 1k–16k. TFLOP/s use 4·b·h·s²·d FLOPs, halved when causal. Timings include
@@ -26,6 +31,8 @@ from tools.bench.common import environment, median_ms, write_results
 TOKENS = 16384
 WIDTH = 2048
 SEQS = (1024, 4096, 8192, 16384)
+#: Our methods (the keys of ``methods`` in :func:`main` that run adaattn's op).
+OURS = ("fp8", "fp8_pv16", "int8", "int8_pv16", "int8_qtok_pv16")
 
 
 def _sage() -> tuple[Callable[..., torch.Tensor] | None, str]:
@@ -97,9 +104,21 @@ def main(argv: list[str] | None = None) -> int:
         print("this GPU has no FP8 e4m3 tensor cores", file=sys.stderr)
         return 2
     sageattn, sage_status = _sage()
+
+    def _ours(**opts: Any) -> Callable[..., torch.Tensor]:
+        def fn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, c: bool) -> torch.Tensor:
+            out = fp8_attention(q, k, v, causal=c, **opts)
+            assert isinstance(out, torch.Tensor)
+            return out
+
+        return fn
+
     methods: dict[str, tuple[Callable[..., torch.Tensor], bool]] = {
-        "fp8": (lambda q, k, v, c: fp8_attention(q, k, v, causal=c), False),
-        "fp8_pv16": (lambda q, k, v, c: fp8_attention(q, k, v, causal=c, pv_dtype="fp16"), False),
+        "fp8": (_ours(qk_dtype="fp8"), False),
+        "fp8_pv16": (_ours(qk_dtype="fp8", pv_dtype="fp16"), False),
+        "int8": (_ours(qk_dtype="int8"), False),
+        "int8_pv16": (_ours(qk_dtype="int8", pv_dtype="fp16"), False),
+        "int8_qtok_pv16": (_ours(qk_dtype="int8", pv_dtype="fp16", granularity="q_token"), False),
         "cudnn": (_sdpa(SDPBackend.CUDNN_ATTENTION), False),
         "flash": (_sdpa(SDPBackend.FLASH_ATTENTION), False),
     }
@@ -137,7 +156,7 @@ def main(argv: list[str] | None = None) -> int:
                     except (RuntimeError, ValueError) as exc:  # a backend refusing a shape
                         row[name] = None
                         row[f"{name}_error"] = str(exc).splitlines()[0][:200]
-                for name in ("fp8", "fp8_pv16"):
+                for name in OURS:
                     for peer in ("cudnn", "flash", "sage1"):
                         if row.get(name) and row.get(peer):
                             row[f"{name}_vs_{peer}"] = round(row[name] / row[peer], 3)
@@ -145,7 +164,9 @@ def main(argv: list[str] | None = None) -> int:
                     f"d={d} causal={causal!s:5} s={s:5}  "
                     + "  ".join(f"{n}={row.get(n)}" for n in methods)
                     + f"  fp8/cudnn={row.get('fp8_vs_cudnn')}"
+                    + f"  int8_pv16/cudnn={row.get('int8_pv16_vs_cudnn')}"
                     + f"  err fp8={row.get('fp8_normal_relerr', float('nan')):.3g}"
+                    + f" int8_pv16={row.get('int8_pv16_normal_relerr', float('nan')):.3g}"
                     + f" sage={row.get('sage1_normal_relerr', float('nan')):.3g}",
                     flush=True,
                 )
@@ -154,7 +175,7 @@ def main(argv: list[str] | None = None) -> int:
                 torch.cuda.empty_cache()
     # The acceptance ratios (shared/ANCHORS.md): head_dim 128, seq >= 4096, worst case.
     targets = {}
-    for name in ("fp8", "fp8_pv16"):
+    for name in OURS:
         for peer, goal in (("cudnn", 1.3), ("sage1", 1.5)):
             vals = [r.get(f"{name}_vs_{peer}") for r in rows if r["d"] == 128 and r["s"] >= 4096]
             vals = [x for x in vals if x is not None]

@@ -1,4 +1,4 @@
-"""GPU tests of the FP8 attention kernels (quantisation, accuracy vs float64, compile, opcheck).
+"""GPU tests of the 8-bit attention kernels (quantisation, accuracy vs float64, compile, opcheck).
 
 Cheap by design (well under a minute after compilation on an H100): one or two heads per
 long-sequence case, float64 references computed in query chunks.
@@ -9,7 +9,13 @@ from __future__ import annotations
 import pytest
 import torch
 from adaattn_kernels import attention_reference
-from adaattn_kernels.fp8 import fp8_attention, fp8_attention_reference, quantize_fp8_triton
+from adaattn_kernels.fp8 import (
+    fp8_attention,
+    fp8_attention_reference,
+    quantize_fp8_triton,
+    quantize_int8,
+    quantize_int8_triton,
+)
 from adaattn_kernels.fp8.quant import quantize_channels_t
 from adaattn_precision import detect, quantize_fp8
 
@@ -65,14 +71,22 @@ def test_quantisation_bit_exact_on_gpu(granularity):
     got_t, got_ts = quantize_channels_t(v, pad_to=128)
     assert torch.equal(got_ts, ref_ts)
     assert torch.equal(got_t[..., :1000].view(torch.uint8), ref_t.view(torch.uint8))
+    for x in (q, k):  # int8 (qk_dtype="int8"): the GPU's division and rounding, bit-exact too
+        ref_i, ref_is = quantize_int8(x, granularity=granularity)
+        got_i, got_is = quantize_int8_triton(x, granularity=granularity)
+        assert torch.equal(got_is, ref_is)
+        assert torch.equal(got_i, ref_i)
 
 
-# Kernel vs its float8 simulation. Same quantisation; the differences are Hopper's reduced-
-# precision FP8 accumulator inside one tile (~14 bits), which can move a rare probability across
-# an e4m3 boundary, and bf16 output rounding (2^-9). 1e-2 is 4× below the FP8 error itself.
+# Kernel vs its simulation. Same quantisation; the differences are Hopper's reduced-precision
+# FP8 accumulator inside one tile (~14 bits; the int8 Q·Kᵀ accumulates exactly in int32), which
+# can move a rare probability across an e4m3 boundary, and bf16 output rounding (2^-9). 1e-2 is
+# 4× below the FP8 error itself; for int8 Q·Kᵀ with 16-bit P·V (error 1.3e-2) it is still
+# 100× below what a quantisation or indexing bug gives.
 SIM_TOL = 1e-2
 
 
+@pytest.mark.parametrize("qk_dtype", ["int8", "fp8"])
 @pytest.mark.parametrize(
     ("b", "hq", "hkv", "sq", "sk", "d", "opts"),
     [
@@ -81,52 +95,93 @@ SIM_TOL = 1e-2
         (1, 4, 1, 1500, 1000, 128, {"causal": True, "pv_dtype": "fp16"}),
         (1, 4, 2, 777, 777, 64, {"causal": "top_left", "granularity": "token"}),
         (1, 2, 2, 513, 2049, 128, {"block_size": 64, "pv_dtype": "fp16"}),
+        (1, 4, 2, 1000, 1200, 128, {"granularity": "q_token", "causal": True}),
     ],
 )
-def test_kernel_matches_simulation(b, hq, hkv, sq, sk, d, opts):
+def test_kernel_matches_simulation(b, hq, hkv, sq, sk, d, opts, qk_dtype):
     _need_fp8()
     q, k, v = _inputs(b, hq, hkv, sq, sk, d, seed=sq)
     with torch.no_grad():
-        out, lse = fp8_attention(q, k, v, return_lse=True, **opts)
-    ref, lse_ref = fp8_attention_reference(q, k, v, return_lse=True, **opts)
+        out, lse = fp8_attention(q, k, v, return_lse=True, qk_dtype=qk_dtype, **opts)
+    ref, lse_ref = fp8_attention_reference(q, k, v, return_lse=True, qk_dtype=qk_dtype, **opts)
     assert _rel(out, ref) < SIM_TOL
     assert torch.equal(torch.isneginf(lse), torch.isneginf(lse_ref))
     fin = torch.isfinite(lse_ref)
     assert float((lse[fin] - lse_ref[fin]).abs().max()) < 1e-2
 
 
-# Accuracy vs float64. e4m3's 3 mantissa bits put ~3.6 % relative noise on every score (see
-# test_fp8_reference.py); on i.i.d. N(0,1) inputs attention is nearly uniform and that noise
-# reaches the output one-to-one: ~5e-2 (P·V e4m3) / ~4e-2 (P·V bf16) measured on the float8
-# simulation. With four 20× channels in Q the scores are ~4× larger and so is their noise
-# (~0.11–0.16 measured). The bounds are 1.5× those; the kernel must also be within 10 % of its
-# own simulation's error (no extra loss from the FP8 accumulator over long sequences) and be
-# finite. The cosine similarity is printed (it follows from the error: cos ≈ 1 − err²/2).
-BOUND = {("normal", "fp8"): 8e-2, ("normal", "fp16"): 6e-2,
-         ("outlier", "fp8"): 0.25, ("outlier", "fp16"): 0.25}  # fmt: skip
+# Accuracy vs float64 (head_dim 128, bf16). The acceptance target is rel. error ≤ 2e-2 and
+# cosine ≥ 0.999. Values quoted are the exact CPU simulation (tools/fp8_error_table.py,
+# results/fp8_error_sim.json, seq 1k/4k/16k); the kernel must also be within 10 % of its own
+# simulation's error (no extra loss from the FP8 accumulator over long sequences).
+#
+# * int8 Q·Kᵀ + 16-bit P·V on N(0, 1): 1.33e-2 … 1.36e-2, cos 0.99991 — the target, asserted.
+# * Physics of the other modes (honest bounds, ~1.5× the measured error):
+#   - e4m3 Q·Kᵀ: 3 mantissa bits put ~3.6 % rms noise on every score; on nearly uniform
+#     attention it reaches the output one-to-one: 3.8e-2 … 4.1e-2 (P·V 16-bit).
+#   - e4m3 P·V: P and V each rounded to 3 mantissa bits (~2.5 % rms): 3.8e-2 … 3.9e-2 with int8
+#     Q·Kᵀ, 5.2e-2 … 5.5e-2 with e4m3 Q·Kᵀ.
+#   - Q with four 20× channels ("outlier"): the per-block Q scale is set by the outliers, so the
+#     other channels lose ~20× resolution: 8.4e-2 … 9.1e-2 (int8, block), 4.7e-2 … 6.0e-2 (int8,
+#     per-token Q "q_token"), 0.14 … 0.19 (e4m3). No 8-bit per-block/per-token scheme reaches
+#     2e-2 here (test_int8_outlier_target below records the gap; an exact per-channel
+#     Q/K rebalancing, simulated only, gets 2.2e-2 … 2.8e-2).
+BOUND = {
+    ("int8", "normal", "fp16", "block"): 2e-2,  # the acceptance target
+    ("int8", "normal", "fp8", "block"): 6e-2,
+    ("int8", "outlier", "fp16", "block"): 0.14,
+    ("int8", "outlier", "fp8", "block"): 0.15,
+    ("int8", "outlier", "fp16", "q_token"): 9e-2,
+    ("fp8", "normal", "fp16", "block"): 6e-2,
+    ("fp8", "normal", "fp8", "block"): 8e-2,
+    ("fp8", "outlier", "fp16", "block"): 0.3,
+    ("fp8", "outlier", "fp8", "block"): 0.3,
+}
 
 
-@pytest.mark.parametrize("kind", ["normal", "outlier"])
-@pytest.mark.parametrize("pv_dtype", ["fp8", "fp16"])
-@pytest.mark.parametrize(("seq", "causal"), [(1024, False), (4096, True), (16384, False)])
-def test_accuracy_vs_float64(kind, pv_dtype, seq, causal):
-    _need_fp8()
+def _accuracy(qk_dtype, kind, pv_dtype, granularity, seq, causal):
     q, k, v = _inputs(1, 2, 2, seq, seq, 128, kind=kind, seed=seq)
+    opts = {"causal": causal, "pv_dtype": pv_dtype, "qk_dtype": qk_dtype,
+            "granularity": granularity}  # fmt: skip
     with torch.no_grad():
-        out = fp8_attention(q, k, v, causal=causal, pv_dtype=pv_dtype)
+        out = fp8_attention(q, k, v, **opts)
     assert bool(torch.isfinite(out).all())
     rows = torch.arange(0, seq, max(1, seq // 512), device="cuda")
     exact = attention_reference(
         q[:, :, rows].double(), k.double(), v.double(),
         attn_mask=(torch.arange(seq, device="cuda")[None, :] <= rows[:, None]) if causal else None,
     )  # fmt: skip
-    sim = fp8_attention_reference(q, k, v, causal=causal, pv_dtype=pv_dtype, rows=rows)
-    err, sim_err = _rel(out[:, :, rows], exact), _rel(sim, exact)
+    sim = fp8_attention_reference(q, k, v, rows=rows, **opts)
+    err, sim_err, cos = _rel(out[:, :, rows], exact), _rel(sim, exact), _cos(out[:, :, rows], exact)
     sage = _sage_error(q, k, v, causal, rows, exact)
-    print(f"{kind} pv={pv_dtype} seq={seq} causal={causal}: rel {err:.4f} (sim {sim_err:.4f}) "
-          f"cos {_cos(out[:, :, rows], exact):.5f}; SageAttention {sage}")  # fmt: skip
-    assert err < BOUND[(kind, pv_dtype)]
+    print(f"qk={qk_dtype} {kind} pv={pv_dtype} {granularity} seq={seq} causal={causal}: "
+          f"rel {err:.4f} (sim {sim_err:.4f}) cos {cos:.5f}; SageAttention {sage}")  # fmt: skip
+    return err, sim_err, cos
+
+
+@pytest.mark.parametrize(("qk_dtype", "kind", "pv_dtype", "granularity"), list(BOUND))
+@pytest.mark.parametrize(("seq", "causal"), [(1024, False), (4096, True), (16384, False)])
+def test_accuracy_vs_float64(qk_dtype, kind, pv_dtype, granularity, seq, causal):
+    _need_fp8()
+    err, sim_err, cos = _accuracy(qk_dtype, kind, pv_dtype, granularity, seq, causal)
+    assert err < BOUND[(qk_dtype, kind, pv_dtype, granularity)]
     assert err < 1.1 * sim_err + 2e-3
+    if (qk_dtype, kind, pv_dtype) == ("int8", "normal", "fp16"):
+        assert cos >= 0.999
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="Q channel outliers (four 20× channels) exceed 2e-2 with every 8-bit scale scheme "
+    "measured: 4.7e-2–6.0e-2 at best (int8, per-token Q, head_dim 128); see docs/kernels/fp8.md",
+)
+@pytest.mark.parametrize(("seq", "causal"), [(1024, False), (4096, True), (16384, False)])
+def test_int8_outlier_target(seq, causal):
+    """The acceptance target on the heavy-tailed family — not met; strict xfail records it."""
+    _need_fp8()
+    err, _, cos = _accuracy("int8", "outlier", "fp16", "q_token", seq, causal)
+    assert err <= 2e-2
+    assert cos >= 0.999
 
 
 def test_long_sequence_keeps_accuracy():
@@ -148,7 +203,8 @@ def test_torch_compile_and_opcheck():
     from adaattn_kernels.fp8.op import fp8_attention_op
 
     q, k, v = _inputs(1, 4, 2, 300, 300, 64, seed=5)
-    torch.library.opcheck(fp8_attention_op, (q, k, v, 2, 0.125, True, "block", 128))
+    for qk_int8 in (True, False):
+        torch.library.opcheck(fp8_attention_op, (q, k, v, 2, 0.125, True, "block", 128, qk_int8))
     fn = torch.compile(lambda q, k, v: fp8_attention(q, k, v, causal=True), fullgraph=True)
     with torch.no_grad():
         out = fn(q, k, v)

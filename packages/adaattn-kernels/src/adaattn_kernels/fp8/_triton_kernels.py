@@ -1,6 +1,15 @@
 # Triton kernels take untyped tensor-pointer arguments.
 # mypy: disable-error-code="no-untyped-def"
-"""Triton kernels of the FP8 attention path: fused quantisation and the attention forward.
+"""Triton kernels of the 8-bit attention path: fused quantisation and the attention forward.
+
+``Q·Kᵀ`` runs in int8 (``QK_INT8``, the default of the op) or e4m3; ``P·V`` in e4m3 or 16-bit.
+Int8 quantisation (``INT8`` of ``_quant_rows_kernel``, ``QK_INT8`` of the attention kernel)
+implements :func:`adaattn_kernels.fp8.quantize_int8` bit-exactly: ``scale = amax / 127``
+(IEEE division), ``xq = rne(clamp(x / scale, ±127))``, the rounding done by adding and
+subtracting 1.5·2²³ in fp32 (exact round-half-even for ``|x| ≤ 2²²``, on the GPU and in the
+interpreter alike). The int8 ``tl.dot`` accumulates in int32 (exact: ``|Σ| ≤ 127²·D``) and the
+product is converted to fp32 and multiplied by ``s_q · s_k · τ · log2 e`` (SageAttention,
+Zhang et al. 2024, arXiv 2410.02367, Sec. 3.3–3.4).
 
 Quantisation (``_quant_rows_kernel``, ``_quant_channels_t_kernel``) implements the contract of
 :func:`adaattn_precision.quantize_fp8` for e4m3 (``margin=0``, no power-of-two scales)
@@ -58,6 +67,9 @@ if _INTERPRET:
     _interpreter_compat.apply()
 
 FP8_MAX = tl.constexpr(448.0)
+INT8_MAX = tl.constexpr(127.0)
+#: 1.5 · 2**23: ``(x + RNE_MAGIC) - RNE_MAGIC`` rounds fp32 ``|x| ≤ 2**22`` half-to-even.
+RNE_MAGIC = tl.constexpr(12582912.0)
 #: ``float32(1 / 448)`` (1/448 is not a binary fraction: the contract fixes this rounding).
 INV_FP8_MAX = tl.constexpr(float(np.float32(1.0 / 448.0)))
 #: log2 of the static probability scale: P' = P · 2**P_SHIFT.
@@ -110,6 +122,34 @@ def _scale_of(amax):
     return tl.maximum(s, 1.1754943508222875e-38)
 
 
+@triton.jit
+def _scale_int8(amax):
+    """Symmetric int8 scale: ``amax / 127`` (IEEE), 1 for an all-zero group, ≥ fp32 tiny."""
+    s = tl.where(amax > 0, tl.math.div_rn(amax, tl.full(amax.shape, INT8_MAX, tl.float32)), 1.0)
+    return tl.maximum(s, 1.1754943508222875e-38)
+
+
+@triton.jit
+def _group_scale(amax, INT8: tl.constexpr):
+    """The scale of a group with maximum ``amax``: int8 or e4m3 contract."""
+    if INT8:  # noqa: SIM108 (compile-time branches read better in kernels)
+        s = _scale_int8(amax)
+    else:
+        s = _scale_of(amax)
+    return s
+
+
+@triton.jit
+def _quantize_scaled(xs, INT8: tl.constexpr, ROUND_SW: tl.constexpr):
+    """``xs = x / scale`` → int8 (clamp ±127, round half to even) or e4m3 (clamp ±448, RNE)."""
+    if INT8:
+        y = tl.minimum(tl.maximum(xs, -INT8_MAX), INT8_MAX)
+        r = ((y + RNE_MAGIC) - RNE_MAGIC).to(tl.int8)
+    else:
+        r = _to_e4m3(tl.minimum(tl.maximum(xs, -FP8_MAX), FP8_MAX), ROUND_SW)
+    return r
+
+
 # --------------------------------------------------------------------------------------------
 # Quantisation of Q / K (scales over blocks of tokens or single tokens).
 # --------------------------------------------------------------------------------------------
@@ -122,12 +162,13 @@ def _quant_rows_kernel(
     stride_mb, stride_mh,
     H, SEQ, SEQ_P, N_SCALES,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, QBLOCK: tl.constexpr,
-    ROWS: tl.constexpr, SMOOTH: tl.constexpr, ROUND_SW: tl.constexpr,
+    ROWS: tl.constexpr, SMOOTH: tl.constexpr, ROUND_SW: tl.constexpr, INT8: tl.constexpr,
 ):  # fmt: skip
     """One program per scale group (``QBLOCK`` tokens; per-token groups use ``QBLOCK == 1``).
 
     ``X`` is ``(B, H, SEQ, HEAD_DIM)`` with unit last stride; ``XQ`` is the contiguous
-    ``(B, H, SEQ_P, HEAD_DIM)`` e4m3 output; ``SCALE`` is ``(B, H, N_SCALES)`` float32; ``MU``
+    ``(B, H, SEQ_P, HEAD_DIM)`` e4m3 (or, ``INT8``, int8) output; ``SCALE`` is
+    ``(B, H, N_SCALES)`` float32; ``MU``
     (``SMOOTH`` only) is the float32 ``(B, H, HEAD_DIM)`` mean subtracted before quantising.
     """
     pid_g = tl.program_id(0)
@@ -150,11 +191,12 @@ def _quant_rows_kernel(
         ).to(tl.float32)
         if SMOOTH:
             x = tl.where(m2, x - mu[None, :], 0.0)
-        scale = _scale_of(tl.max(tl.abs(x), 1))
+        scale = _group_scale(tl.max(tl.abs(x), 1), INT8)
         xs = tl.math.div_rn(x, tl.broadcast_to(scale[:, None], x.shape))
-        xs = tl.minimum(tl.maximum(xs, -FP8_MAX), FP8_MAX)
         tl.store(
-            q_base + rows[:, None] * HEAD_DIM + offs_d[None, :], _to_e4m3(xs, ROUND_SW), mask=m2
+            q_base + rows[:, None] * HEAD_DIM + offs_d[None, :],
+            _quantize_scaled(xs, INT8, ROUND_SW),
+            mask=m2,
         )
         tl.store(SCALE + pid_bh.to(tl.int64) * N_SCALES + rows, scale, mask=rmask)
     else:
@@ -171,7 +213,7 @@ def _quant_rows_kernel(
             if SMOOTH:
                 x = tl.where(m2, x - mu[None, :], 0.0)
             amax = tl.maximum(amax, tl.max(tl.abs(x), 1))
-        scale = _scale_of(tl.max(amax, 0))
+        scale = _group_scale(tl.max(amax, 0), INT8)
         for r0 in range(0, QBLOCK, ROWS):
             rows = start + r0 + tl.arange(0, ROWS)
             m2 = ((rows < SEQ) & (rows < start + QBLOCK))[:, None] & dmask[None, :]
@@ -183,9 +225,10 @@ def _quant_rows_kernel(
             if SMOOTH:
                 x = x - mu[None, :]
             xs = tl.math.div_rn(x, tl.full(x.shape, 1.0, tl.float32) * scale)
-            xs = tl.minimum(tl.maximum(xs, -FP8_MAX), FP8_MAX)
             tl.store(
-                q_base + rows[:, None] * HEAD_DIM + offs_d[None, :], _to_e4m3(xs, ROUND_SW), mask=m2
+                q_base + rows[:, None] * HEAD_DIM + offs_d[None, :],
+                _quantize_scaled(xs, INT8, ROUND_SW),
+                mask=m2,
             )
         tl.store(SCALE + pid_bh.to(tl.int64) * N_SCALES + pid_g, scale)
 
@@ -259,13 +302,15 @@ def _attn_tiles(
     offs_m, offs_n, lo, hi, SEQ_K, DIAG, N_KS,
     K_BLOCK: tl.constexpr, K_SCALAR: tl.constexpr, Q_SCALAR: tl.constexpr,
     BLOCK_N: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr, PV_FP8: tl.constexpr,
-    ROUND_SW: tl.constexpr, HALF: tl.constexpr,
+    ROUND_SW: tl.constexpr, HALF: tl.constexpr, QK_INT8: tl.constexpr,
 ):
     """Stream key tiles ``[lo, hi)`` through the online softmax (two accumulator halves)."""
     for start_n in tl.range(lo, hi, BLOCK_N):
         cols = start_n + offs_n
-        k8 = desc_k.load([kv_row + start_n, 0])  # (BLOCK_N, D) e4m3, TMA
-        qk = tl.dot(q8, k8.T)
+        k8 = desc_k.load([kv_row + start_n, 0])  # (BLOCK_N, D) int8 / e4m3, TMA
+        qk = tl.dot(q8, k8.T)  # int8: int32 accumulator (exact); e4m3: fp32
+        if QK_INT8:
+            qk = qk.to(tl.float32)
         if MASKED:
             ok = cols[None, :] < SEQ_K
             if CAUSAL:
@@ -322,7 +367,7 @@ def _attn_tiles(
 @triton.autotune(
     configs=_fwd_configs(),
     key=["SEQ_BUCKET_Q", "SEQ_BUCKET_K", "HEAD_DIM", "CAUSAL", "PV_FP8", "Q_BLOCK", "K_BLOCK",
-         "FUSE_Q"],
+         "FUSE_Q", "QK_INT8"],
     prune_configs_by={"early_config_prune": _prune_fwd},
 )
 @triton.jit
@@ -334,11 +379,12 @@ def _fp8_attn_fwd_kernel(
     SEQ_BUCKET_Q, SEQ_BUCKET_K,
     HEAD_DIM: tl.constexpr, Q_BLOCK: tl.constexpr, K_BLOCK: tl.constexpr,
     CAUSAL: tl.constexpr, PV_FP8: tl.constexpr, FUSE_Q: tl.constexpr, ROUND_SW: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, QK_INT8: tl.constexpr,
 ):
     """One program per (query block, batch·head); see the module docstring.
 
-    ``desc_k``: TMA descriptor of K8 viewed as ``(B·Hkv·SEQ_KP, D)``, block ``(BLOCK_N, D)``.
+    ``desc_k``: TMA descriptor of K8 (int8 if ``QK_INT8``, else e4m3) viewed as
+    ``(B·Hkv·SEQ_KP, D)``, block ``(BLOCK_N, D)``.
     ``desc_v``: for e4m3 P·V, V8ᵀ viewed as ``(B·Hkv·D, SEQ_KP)``, block ``(D/2, BLOCK_N)``;
     for 16-bit P·V, the input V ``(B, Hkv, Sk, D)``, block ``(1, 1, BLOCK_N, D/2)``.
     ``FUSE_Q``: quantise the Q tile here from the 16-bit ``Q`` (per-token scales, or blocks of
@@ -373,7 +419,7 @@ def _fp8_attn_fwd_kernel(
     shift = tl.sum(x * mu[None, :], 1) * sm_scale
     if FUSE_Q:
         if Q_BLOCK == BLOCK_M:  # the block is this tile
-            qs = _scale_of(tl.max(tl.max(tl.abs(x), 1), 0))
+            qs = _group_scale(tl.max(tl.max(tl.abs(x), 1), 0), QK_INT8)
             xs = tl.math.div_rn(x, tl.full(x.shape, 1.0, tl.float32) * qs)
         elif Q_SCALAR:  # the block spans several tiles: read all of it for the maximum
             blk0 = (start_m // Q_BLOCK) * Q_BLOCK
@@ -383,12 +429,12 @@ def _fp8_attn_fwd_kernel(
                 y = tl.load(q_base + rows[:, None].to(tl.int64) * stride_qm + offs_d[None, :],
                             mask=(rows < SEQ_Q)[:, None], other=0.0).to(tl.float32)
                 amax = tl.maximum(amax, tl.max(tl.abs(y), 1))
-            qs = _scale_of(tl.max(amax, 0))
+            qs = _group_scale(tl.max(amax, 0), QK_INT8)
             xs = tl.math.div_rn(x, tl.full(x.shape, 1.0, tl.float32) * qs)
         else:  # per-token scales (Q_BLOCK == 1)
-            qs = _scale_of(tl.max(tl.abs(x), 1))
+            qs = _group_scale(tl.max(tl.abs(x), 1), QK_INT8)
             xs = tl.math.div_rn(x, tl.broadcast_to(qs[:, None], x.shape))
-        q8 = _to_e4m3(tl.minimum(tl.maximum(xs, -FP8_MAX), FP8_MAX), ROUND_SW)
+        q8 = _quantize_scaled(xs, QK_INT8, ROUND_SW)
         row_f = qs * qk_scale
     else:
         q8 = tl.load(Q8 + (pid_bh.to(tl.int64) * SEQ_QP + offs_m[:, None]) * HEAD_DIM
@@ -423,11 +469,11 @@ def _fp8_attn_fwd_kernel(
     acc0, acc1, pv0, pv1, l_i, m_i = _attn_tiles(
         acc0, acc1, pv0, pv1, l_i, m_i, q8, row_f, desc_k, ks_base, desc_v, kv_row, v_row, b,
         hkv, offs_m, offs_n, 0, full, SEQ_K, DIAG, N_KS, K_BLOCK, K_SCALAR, Q_SCALAR, BLOCK_N,
-        False, CAUSAL, PV_FP8, ROUND_SW, HALF)
+        False, CAUSAL, PV_FP8, ROUND_SW, HALF, QK_INT8)
     acc0, acc1, pv0, pv1, l_i, m_i = _attn_tiles(
         acc0, acc1, pv0, pv1, l_i, m_i, q8, row_f, desc_k, ks_base, desc_v, kv_row, v_row, b,
         hkv, offs_m, offs_n, full, hi, SEQ_K, DIAG, N_KS, K_BLOCK, K_SCALAR, Q_SCALAR, BLOCK_N,
-        True, CAUSAL, PV_FP8, ROUND_SW, HALF)
+        True, CAUSAL, PV_FP8, ROUND_SW, HALF, QK_INT8)
     acc0 += pv0  # the last tile's product
     acc1 += pv1
 

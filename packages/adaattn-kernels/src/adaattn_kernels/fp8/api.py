@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 import torch
 from adaattn_precision import DeviceCapability, triton_available
 
@@ -106,16 +108,20 @@ def fp8_attention(
     granularity: str = "block",
     block_size: int = 128,
     backend: str = "auto",
+    qk_dtype: Literal["int8", "fp8"] = "int8",
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-    """Attention forward with FP8 (e4m3) tensor-core matmuls, for inference.
+    """Attention forward with 8-bit (int8 / FP8 e4m3) tensor-core matmuls, for inference.
 
-    Quantises inside the op and computes ``softmax(τ Q Kᵀ) V`` with ``Q·Kᵀ`` in e4m3 (per-block
-    or per-token scales, K smoothed by its mean over the keys — exact under softmax) and
+    Quantises inside the op and computes ``softmax(τ Q Kᵀ) V`` with ``Q·Kᵀ`` in int8 (default;
+    int32 accumulation) or e4m3 (per-block or per-token scales, K smoothed by its mean over the
+    keys — exact under softmax; SageAttention, Zhang et al. 2024, arXiv 2410.02367) and
     ``P·V`` in e4m3 (P scaled by 2⁸, V per channel) or in the 16-bit input dtype, with fp32
-    accumulation across key tiles. Exact steps: :mod:`adaattn_kernels.fp8.naive`; the
-    rounding error is that of 3-bit mantissas: about 4e-2 relative (Frobenius) on i.i.d.
-    N(0, 1) inputs, where attention is nearly uniform, and smaller on peaked attention —
-    measure a head with :func:`~adaattn_kernels.fp8.fp8_attention_error` before using it.
+    accumulation across key tiles. Exact steps: :mod:`adaattn_kernels.fp8.naive`. Measured
+    relative (Frobenius) error vs float64 on i.i.d. N(0, 1) inputs (the CPU simulation,
+    ``docs/kernels/fp8.md``): about 1.3e-2 with int8 ``Q·Kᵀ`` and 16-bit ``P·V``, 3.9e-2
+    with int8 and e4m3 ``P·V`` (the rounding of P and V), 5.2e-2 with e4m3 for both. Query
+    channels with large outliers raise it several-fold — measure a head with
+    :func:`~adaattn_kernels.fp8.fp8_attention_error` before using it.
 
     Args:
         q: Queries ``(B, Hq, Sq, D)``, float16/bfloat16 (``D`` in :data:`FP8_HEAD_DIMS` for the
@@ -130,14 +136,22 @@ def fp8_attention(
         return_lse: Also return ``lse`` ``(B, Hq, Sq)`` float32: the natural-log log-sum-exp
             of each row's scaled scores (the smoothing shift is added back).
         pv_dtype: ``"fp8"`` (default) or ``"fp16"``: ``P·V`` in the 16-bit input dtype
-            (float16 or bfloat16), slower, about half the error on diffuse heads.
-        granularity: Scale groups of Q and K: ``"block"`` (``block_size`` tokens, default) or
-            ``"token"``.
+            (float16 or bfloat16), slower; with ``qk_dtype="int8"`` a third of the error on
+            diffuse heads (the only combination within 2e-2 on N(0, 1) inputs).
+        granularity: Scale groups of Q and K: ``"block"`` (default: both per block of
+            ``block_size`` tokens), ``"q_token"`` (one scale per query token, one per block of
+            ``block_size`` keys: about half the error of ``"block"`` with channel outliers in
+            Q; at head_dim 128 the sm_90 build spills registers, see ``docs/kernels/fp8.md``)
+            or ``"token"`` (both per token).
         block_size: Tokens per scale group for ``"block"`` (1…4096). Multiples of 128 let
             the kernel apply one scale per tile.
         backend: ``"auto"`` (the Triton kernel on an FP8-capable CUDA device; the simulation
             on CPU), ``"triton"`` or ``"reference"``
             (:func:`~adaattn_kernels.fp8.fp8_attention_reference`, same quantisation).
+        qk_dtype: ``"int8"`` (default): Q and K in symmetric int8 (``scale = amax/127``,
+            :func:`~adaattn_kernels.fp8.quantize_int8`), ``Q·Kᵀ`` on int8 tensor cores with
+            int32 accumulation (same rate as FP8 on Hopper), about 1 % score noise on N(0, 1)
+            inputs; ``"fp8"``: e4m3 (``scale = amax/448``), about 3.6 %.
 
     Returns:
         The output ``(B, Hq, Sq, D)`` in ``q.dtype``, or ``(output, lse)`` if ``return_lse``.
@@ -163,7 +177,7 @@ def fp8_attention(
     shape = check_attention_inputs(q, k, v, allowed_dtypes=(*_TRITON_DTYPES, torch.float32))
     mode = normalize_causal(causal)
     tau = resolve_scale(scale, shape.head_dim)
-    check_fp8_options(pv_dtype, granularity, block_size)
+    check_fp8_options(pv_dtype, granularity, block_size, qk_dtype)
     if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
         raise ValueError(
             "fp8_attention has no backward (FP8 attention is an inference path); call it under "
@@ -177,7 +191,7 @@ def fp8_attention(
                 )
         idx = _check_rows(None, shape.seq_q, q.device)
         out, lse = _simulate(
-            q, k, v, idx, mode, tau, pv_dtype, granularity, block_size, kernel_tile_n()
+            q, k, v, idx, mode, tau, pv_dtype, granularity, block_size, kernel_tile_n(), qk_dtype
         )
     else:
         # Under torch.compile the device probe (cached per device) is not traced; the eager
@@ -187,5 +201,7 @@ def fp8_attention(
             raise ValueError(f"fp8_attention (backend={backend!r}) cannot run: {reason}")
         from adaattn_kernels.fp8.op import fp8_attention_op
 
-        out, lse = fp8_attention_op(q, k, v, mode, tau, pv_dtype == "fp8", granularity, block_size)
+        out, lse = fp8_attention_op(
+            q, k, v, mode, tau, pv_dtype == "fp8", granularity, block_size, qk_dtype == "int8"
+        )
     return (out, lse) if return_lse else out

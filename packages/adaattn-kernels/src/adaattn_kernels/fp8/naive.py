@@ -1,17 +1,23 @@
-"""Plain-PyTorch reference of FP8 attention: the same quantisation, simulated with torch's float8.
+"""Plain-PyTorch reference of low-precision attention: the kernel's quantisation, simulated.
 
 :func:`fp8_attention_reference` computes what the Triton kernel computes, step by step, with
-``torch.float8_e4m3fn`` doing the rounding and float32 doing the arithmetic:
+``torch.float8_e4m3fn`` casts or :func:`quantize_int8` doing the rounding and float32 doing the
+arithmetic:
 
 1. K smoothing: ``K̃ = K − mean_s K`` (float32 mean over the keys). Softmax is invariant to a
    per-row constant, and ``q·(k − μ) = q·k − q·μ`` shifts row ``i`` by ``q_i·μ`` only, so the
    output is unchanged; the log-sum-exp gets ``τ q_i·μ`` added back (SageAttention, Zhang et
    al. 2024, arXiv 2410.02367, Sec. 3.2).
-2. ``(Q8, s_q) = quantize_fp8(Q)``, ``(K8, s_k) = quantize_fp8(K̃)`` with
-   :func:`adaattn_precision.quantize_fp8` (e4m3, per block of ``block_size`` tokens or per
-   token), and for FP8 ``P·V``: ``(V8ᵀ, s_v) = quantize_fp8(Vᵀ, granularity="token")``, i.e.
-   one scale per channel of V.
-3. Scores in base 2: ``S = (Q8 K8ᵀ) s_q s_kᵀ τ log2 e``.
+2. ``qk_dtype="int8"`` (default): ``(Q8, s_q) = quantize_int8(Q)``, ``(K8, s_k) =
+   quantize_int8(K̃)`` — symmetric int8, ``s = amax / 127`` per block of ``block_size`` tokens
+   or per token, round half to even, clamp to ±127 (SageAttention's INT8 ``Q·Kᵀ``, Sec. 3.3:
+   rounding step ``amax/127``, about 1 % score noise on N(0, 1) inputs instead of e4m3's 3.6 %).
+   ``qk_dtype="fp8"``: the same with :func:`adaattn_precision.quantize_fp8` (e4m3,
+   ``s = amax/448``). For FP8 ``P·V``: ``(V8ᵀ, s_v) = quantize_fp8(Vᵀ, granularity="token")``,
+   i.e. one scale per channel of V.
+3. Scores in base 2: ``S = (Q8 K8ᵀ) s_q s_kᵀ τ log2 e``. For int8 the product of integers is
+   exact in float32 (``|Σ| ≤ 127² · D < 2²⁴`` for ``D ≤ 1040``), as the kernel's int32
+   accumulator is; the scales multiply it in the kernel's order.
 4. The online softmax of FlashAttention-2 (Dao 2023, arXiv 2307.08691, Algorithm 1) replayed
    over key tiles of ``tile_n`` keys — the kernel's tiles — because the running maximum ``m``
    at each tile fixes how the probabilities are rounded:
@@ -39,29 +45,105 @@ from adaattn_kernels._validation import (
 )
 from adaattn_kernels.fp8.quant import kernel_tile_n
 
-__all__ = ["PV_DTYPES", "fp8_attention_error", "fp8_attention_reference"]
+__all__ = [
+    "PV_DTYPES",
+    "QK_DTYPES",
+    "fp8_attention_error",
+    "fp8_attention_reference",
+    "quantize_int8",
+]
 
 #: Accepted values of ``pv_dtype``.
 PV_DTYPES = ("fp8", "fp16")
-_GRANULARITIES = ("block", "token")
+#: Accepted values of ``qk_dtype`` (the first is the default).
+QK_DTYPES = ("int8", "fp8")
+#: Largest int8 code used (symmetric: -128 is never produced).
+INT8_MAX = 127.0
+#: Accepted values of ``granularity`` (scale groups of Q and K; the first is the default).
+GRANULARITIES = ("block", "q_token", "token")
 _LN2 = math.log(2.0)
 _P_SHIFT = 8.0
 _REF_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
-def check_fp8_options(pv_dtype: str, granularity: str, block_size: int) -> None:
-    """Validate the FP8 options shared by the kernel and the reference."""
+def check_fp8_options(
+    pv_dtype: str, granularity: str, block_size: int, qk_dtype: str = "int8"
+) -> None:
+    """Validate the low-precision options shared by the kernel and the reference."""
+    if qk_dtype not in QK_DTYPES:
+        raise ValueError(
+            f"`qk_dtype` must be 'int8' (Q·Kᵀ in int8, ≈1 % score noise) or 'fp8' (e4m3, "
+            f"≈3.6 %), got {qk_dtype!r}"
+        )
     if pv_dtype not in PV_DTYPES:
         raise ValueError(
             f"`pv_dtype` must be 'fp8' (P and V in e4m3) or 'fp16' (P·V in the 16-bit input "
             f"dtype), got {pv_dtype!r}"
         )
-    if granularity not in _GRANULARITIES:
-        raise ValueError(f"`granularity` must be 'block' or 'token', got {granularity!r}")
+    if granularity not in GRANULARITIES:
+        raise ValueError(
+            f"`granularity` must be 'block', 'q_token' (per-token Q, per-block K) or 'token', "
+            f"got {granularity!r}"
+        )
     if isinstance(block_size, bool) or not isinstance(block_size, int):
         raise TypeError(f"`block_size` must be an int, got {type(block_size).__name__}")
     if not 1 <= block_size <= 4096:
         raise ValueError(f"`block_size` must be in [1, 4096] tokens, got {block_size}")
+
+
+def _group_amax(x: torch.Tensor, group: int) -> torch.Tensor:
+    """Max |x| over groups of ``group`` consecutive tokens: ``(..., S, D)`` → ``(..., n)``."""
+    s = x.shape[-2]
+    n = -(-s // group)
+    xp = torch.nn.functional.pad(x.abs(), (0, 0, 0, n * group - s))
+    return xp.reshape(*x.shape[:-2], n, group * x.shape[-1]).amax(dim=-1)
+
+
+def quantize_int8(
+    x: torch.Tensor, *, granularity: str = "block", block_size: int = 128
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric int8 quantisation of ``x`` ``(..., S, D)`` with one scale per token group.
+
+    The contract of the int8 ``Q·Kᵀ`` of :func:`~adaattn_kernels.fp8.fp8_attention` (the Triton
+    quantisation, :func:`~adaattn_kernels.fp8.quantize_int8_triton`, is bit-exact with it):
+    per group of ``block_size`` tokens (``"block"``) or per token (``"token"``),
+    ``scale = amax / 127`` (an IEEE float32 division; 1 for an all-zero group, at least the
+    smallest normal float32) and ``xq = round_half_even(clamp(x / scale, ±127))`` — the
+    scheme of SageAttention (Zhang et al. 2024, arXiv 2410.02367, Sec. 3.3, per-block INT8).
+
+    Args:
+        x: float16/bfloat16/float32 tensor with at least 2 dims, finite (not checked).
+        granularity: ``"block"`` or ``"token"``.
+        block_size: Tokens per group for ``"block"`` (≥ 1).
+
+    Returns:
+        ``(xq, scale)``: int8 ``xq`` of ``x``'s shape and float32 ``scale`` of shape
+        ``(..., ceil(S / block_size))`` (``"block"``) or ``(..., S)`` (``"token"``).
+
+    Raises:
+        ValueError: bad ``granularity``/``block_size`` or ``x`` with fewer than 2 dims.
+    """
+    if granularity not in ("block", "token"):
+        raise ValueError(f"`granularity` must be 'block' or 'token', got {granularity!r}")
+    if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
+        raise ValueError(f"`block_size` must be a positive int, got {block_size!r}")
+    if not isinstance(x, torch.Tensor) or x.dim() < 2:
+        raise ValueError("`x` must be a tensor of shape (..., S, D)")
+    group = 1 if granularity == "token" else block_size
+    xf = x.to(torch.float32)
+    amax = _group_amax(xf, group)
+    scale = torch.where(amax > 0, amax / INT8_MAX, torch.ones_like(amax))
+    scale = scale.clamp_min(torch.finfo(torch.float32).tiny)
+    per_token = scale.repeat_interleave(group, dim=-1)[..., : x.shape[-2]]
+    xq = torch.round(torch.clamp(xf / per_token.unsqueeze(-1), -INT8_MAX, INT8_MAX))
+    return xq.to(torch.int8), scale
+
+
+def split_granularity(granularity: str) -> tuple[str, str]:
+    """``(granularity of Q, granularity of K)``, each ``"block"`` or ``"token"``."""
+    if granularity == "q_token":
+        return "token", "block"
+    return granularity, granularity
 
 
 def _check_rows(rows: torch.Tensor | None, seq_q: int, device: torch.device) -> torch.Tensor:
@@ -88,34 +170,55 @@ def _simulate(
     granularity: str,
     block_size: int,
     tile_n: int,
+    qk_dtype: str = "int8",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Validated core of :func:`fp8_attention_reference`; ``rows`` is an int64 index tensor."""
     b, hq, sq, d = q.shape
     hkv, sk = k.shape[1], k.shape[2]
     g = hq // hkv
-    gran, bs = granularity, block_size
+    bs = block_size
+    q_gran, k_gran = split_granularity(granularity)
     mu = torch.mean(k, dim=-2, dtype=torch.float32)  # (B, Hkv, D); the op uses the same call
-    q8, qs = quantize_fp8(q, granularity=gran, block_size=bs)
-    k8, ks = quantize_fp8(k.to(torch.float32) - mu.unsqueeze(-2), granularity=gran, block_size=bs)
-    # Dequantised operands (e4m3 value × float32 scale, rounded once to float32) differ from
-    # the kernel's order (scales applied to the fp32 product Q8·K8ᵀ) by float32 rounding only.
-    qd = dequantize_fp8(q8, qs, granularity=gran, block_size=bs)[:, :, rows]  # (B, Hq, R, D)
-    kd = dequantize_fp8(k8, ks, granularity=gran, block_size=bs)
+    q_group = 1 if q_gran == "token" else bs
+    k_group = 1 if k_gran == "token" else bs
+    qk_scale = scale / _LN2  # τ · log2(e)
+    r = rows.numel()
+    if qk_dtype == "int8":
+        q8, qs = quantize_int8(q, granularity=q_gran, block_size=bs)
+        k8, ks = quantize_int8(k.to(torch.float32) - mu.unsqueeze(-2), granularity=k_gran,
+                               block_size=bs)  # fmt: skip
+        # Integer operands in float32: their products and sums are exact (|Σ| < 2²⁴), like the
+        # kernel's int32 accumulator; the scales are applied to the product, as in the kernel.
+        qd = q8.to(torch.float32)[:, :, rows]
+        kd = k8.to(torch.float32)
+        row_f = qs.repeat_interleave(q_group, dim=-1)[..., :sq][:, :, rows] * qk_scale
+        col_f = ks.repeat_interleave(k_group, dim=-1)[..., :sk]  # (B, Hkv, Sk)
+    else:
+        q8f, qsf = quantize_fp8(q, granularity=q_gran, block_size=bs)
+        k8f, ksf = quantize_fp8(k.to(torch.float32) - mu.unsqueeze(-2), granularity=k_gran,
+                                block_size=bs)  # fmt: skip
+        # Dequantised operands (e4m3 value × float32 scale, rounded once to float32) differ
+        # from the kernel's order (scales applied to the fp32 product Q8·K8ᵀ) by float32
+        # rounding only.
+        qd = dequantize_fp8(q8f, qsf, granularity=q_gran, block_size=bs)[:, :, rows]
+        kd = dequantize_fp8(k8f, ksf, granularity=k_gran, block_size=bs)
+        row_f = torch.full((b, hq, r), qk_scale, device=q.device)
+        col_f = torch.ones((b, hkv, sk), device=q.device)
+    row_f = row_f.reshape(b, hkv, g, r)
     if pv_dtype == "fp8":
         v8t, vs = quantize_fp8(v.transpose(-1, -2), granularity="token")
         vd = v8t.to(torch.float32).transpose(-1, -2)  # scales applied at the end, per channel
     else:
         vd = v.to(torch.float16 if v.dtype == torch.float32 else v.dtype).to(torch.float32)
-    r = rows.numel()
     qd = qd.reshape(b, hkv, g, r, d)
     visible_end = rows + causal_offset(mode, sq, sk)  # key j visible iff j <= visible_end
-    qk_scale = scale / _LN2  # τ · log2(e)
     m = torch.full((b, hkv, g, r), float("-inf"), device=q.device)
     l_sum = torch.zeros((b, hkv, g, r), device=q.device)
     acc = torch.zeros((b, hkv, g, r, d), device=q.device)
     for j0 in range(0, sk, tile_n):
         j1 = min(sk, j0 + tile_n)
-        s = torch.matmul(qd, kd[:, :, None, j0:j1].transpose(-1, -2)) * qk_scale
+        s = torch.matmul(qd, kd[:, :, None, j0:j1].transpose(-1, -2))
+        s = s * (row_f.unsqueeze(-1) * col_f[:, :, None, None, j0:j1])
         if mode:
             cols = torch.arange(j0, j1, device=q.device)
             s = s.masked_fill(cols[None, :] > visible_end[:, None], float("-inf"))
@@ -155,6 +258,7 @@ def fp8_attention_reference(
     block_size: int = 128,
     tile_n: int | None = None,
     rows: torch.Tensor | None = None,
+    qk_dtype: str = "int8",
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """FP8 attention simulated in plain PyTorch (the correctness reference of the FP8 kernel).
 
@@ -172,13 +276,15 @@ def fp8_attention_reference(
         return_lse: Also return the float32 natural-log log-sum-exp ``(B, Hq, R)``.
         pv_dtype: ``"fp8"`` (P and V in e4m3) or ``"fp16"`` (P·V in the 16-bit input dtype;
             float16 for float32 inputs).
-        granularity: Scale groups of Q and K: ``"block"`` of ``block_size`` tokens or
-            ``"token"``.
+        granularity: Scale groups of Q and K: ``"block"`` (default: both per block of
+            ``block_size`` tokens), ``"q_token"`` (one scale per query token, per block of
+            ``block_size`` keys) or ``"token"`` (both per token).
         block_size: Tokens per scale group for ``"block"``.
         tile_n: Keys per online-softmax tile; default: the kernel's tile
             (:func:`adaattn_kernels.fp8.kernel_tile_n`), which reproduces its rounding of P.
         rows: Optional 1-D integer tensor of query indices: only these rows are computed
             (with their true positions for the causal mask). ``None`` computes all.
+        qk_dtype: ``"int8"`` (default; :func:`quantize_int8`) or ``"fp8"`` (e4m3) for Q and K.
 
     Returns:
         The output ``(B, Hq, R, D)`` in ``q.dtype`` (``R = Sq`` or ``len(rows)``), or
@@ -191,7 +297,7 @@ def fp8_attention_reference(
     shape = check_attention_inputs(q, k, v, allowed_dtypes=_REF_DTYPES)
     mode = normalize_causal(causal)
     tau = resolve_scale(scale, shape.head_dim)
-    check_fp8_options(pv_dtype, granularity, block_size)
+    check_fp8_options(pv_dtype, granularity, block_size, qk_dtype)
     if tile_n is None:
         tile_n = kernel_tile_n()
     if isinstance(tile_n, bool) or not isinstance(tile_n, int) or tile_n < 1:
@@ -201,7 +307,9 @@ def fp8_attention_reference(
             raise ValueError(f"`{name}` contains NaN or Inf; FP8 quantisation needs finite inputs")
     idx = _check_rows(rows, shape.seq_q, q.device)
     with torch.no_grad():
-        out, lse = _simulate(q, k, v, idx, mode, tau, pv_dtype, granularity, block_size, tile_n)
+        out, lse = _simulate(
+            q, k, v, idx, mode, tau, pv_dtype, granularity, block_size, tile_n, qk_dtype
+        )
     return (out, lse) if return_lse else out
 
 
@@ -217,6 +325,7 @@ def fp8_attention_error(
     granularity: str = "block",
     block_size: int = 128,
     tile_n: int | None = None,
+    qk_dtype: str = "int8",
 ) -> torch.Tensor:
     """Per-head relative error of FP8 attention on (sampled) query rows, measured.
 
@@ -233,9 +342,10 @@ def fp8_attention_error(
         causal: As in :func:`fp8_attention_reference`.
         scale: Score scale; default ``1/sqrt(D)``.
         pv_dtype: ``"fp8"`` or ``"fp16"``.
-        granularity: ``"block"`` or ``"token"``.
-        block_size: Tokens per scale group for ``"block"``.
+        granularity: ``"q_token"``, ``"block"`` or ``"token"``.
+        block_size: Tokens per scale group for ``"block"`` (K only for ``"q_token"``).
         tile_n: Keys per online-softmax tile; default: the kernel's.
+        qk_dtype: ``"int8"`` (default) or ``"fp8"``: the precision of ``Q·Kᵀ``.
 
     Returns:
         float32 tensor ``(B, Hq)``; 0 for a head whose exact output on the rows is 0.
@@ -246,7 +356,7 @@ def fp8_attention_error(
     idx = _check_rows(rows, shape.seq_q, q.device)
     approx = fp8_attention_reference(
         q, k, v, causal=causal, scale=scale, pv_dtype=pv_dtype, granularity=granularity,
-        block_size=block_size, tile_n=tile_n, rows=idx,
+        block_size=block_size, tile_n=tile_n, rows=idx, qk_dtype=qk_dtype,
     )  # fmt: skip
     assert isinstance(approx, torch.Tensor)
     mode = normalize_causal(causal)

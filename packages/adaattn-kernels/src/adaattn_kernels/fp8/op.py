@@ -1,7 +1,7 @@
 """PyTorch custom op wrapping the FP8 attention forward (quantisation + attention kernels).
 
-``adaattn::fp8_attention(q, k, v, causal_mode, scale, pv_fp8, granularity, block_size)
--> (out, lse)`` is registered with :func:`torch.library.custom_op` and a fake (meta)
+``adaattn::fp8_attention(q, k, v, causal_mode, scale, pv_fp8, granularity, block_size,
+qk_int8) -> (out, lse)`` is registered with :func:`torch.library.custom_op` and a fake (meta)
 implementation, so it traces under ``torch.compile(fullgraph=True)`` and passes
 :func:`torch.library.opcheck`. It is forward-only (no autograd formula): FP8 attention is an
 inference path. ``causal_mode`` is a ``CAUSAL_*`` code of :mod:`adaattn_kernels._validation`.
@@ -40,6 +40,7 @@ def _run(
     pv_fp8: bool,
     granularity: str,
     block_size: int,
+    qk_int8: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     from triton.tools.tensor_descriptor import TensorDescriptor
 
@@ -49,9 +50,13 @@ def _run(
     q, k = _unit_last_stride(q), _unit_last_stride(k)
     b, hq, sq, d = q.shape
     hkv, sk = k.shape[1], k.shape[2]
-    qblock = 1 if granularity == "token" else block_size
+    qblock = 1 if granularity in ("token", "q_token") else block_size
+    kblock = 1 if granularity == "token" else block_size
+    k_gran = "token" if kblock == 1 else "block"
     mu = torch.mean(k, dim=-2, dtype=torch.float32)  # (B, Hkv, D): K smoothing
-    k8, ks = quantize_rows(k, granularity=granularity, block_size=block_size, mean=mu, pad_to=PAD)
+    k8, ks = quantize_rows(
+        k, granularity=k_gran, block_size=block_size, mean=mu, pad_to=PAD, int8=qk_int8
+    )
     skp = k8.shape[2]
     desc_k = TensorDescriptor.from_tensor(k8.view(b * hkv * skp, d), [BLOCK_N, d])
     if pv_fp8:
@@ -68,7 +73,9 @@ def _run(
         q8, qs = k8, ks  # unused by the kernel
         n_qs = -(-sq // qblock)
     else:
-        q8, qs = quantize_rows(q, granularity=granularity, block_size=block_size, pad_to=PAD)
+        q8, qs = quantize_rows(
+            q, granularity="block", block_size=block_size, pad_to=PAD, int8=qk_int8
+        )
         n_qs = qs.shape[-1]
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     lse = torch.empty((b, hq, sq), dtype=torch.float32, device=q.device)
@@ -81,8 +88,8 @@ def _run(
             hq, hq // hkv, sq, sk, q8.shape[2], skp, n_qs, ks.shape[-1],
             causal_offset(causal_mode, sq, sk), scale,
             seq_bucket(sq), seq_bucket(sk),
-            HEAD_DIM=d, Q_BLOCK=qblock, K_BLOCK=qblock,
-            CAUSAL=causal_mode != CAUSAL_NONE, PV_FP8=pv_fp8, FUSE_Q=fuse_q,
+            HEAD_DIM=d, Q_BLOCK=qblock, K_BLOCK=kblock,
+            CAUSAL=causal_mode != CAUSAL_NONE, PV_FP8=pv_fp8, FUSE_Q=fuse_q, QK_INT8=qk_int8,
             ROUND_SW=_interpreting(), BLOCK_N=BLOCK_N,
         )  # fmt: skip
     return out, lse
@@ -98,9 +105,13 @@ def fp8_attention_op(
     pv_fp8: bool,
     granularity: str,
     block_size: int,
+    qk_int8: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """FP8 attention forward: ``(out, lse)``, ``lse`` float32 natural log ``(B, Hq, Sq)``."""
-    return _run(q, k, v, causal_mode, scale, pv_fp8, granularity, block_size)
+    """Low-precision attention forward: ``(out, lse)``, ``lse`` float32 natural log ``(B, Hq, Sq)``.
+
+    ``qk_int8``: ``Q·Kᵀ`` in int8 (else e4m3); ``pv_fp8``: ``P·V`` in e4m3 (else 16-bit).
+    """
+    return _run(q, k, v, causal_mode, scale, pv_fp8, granularity, block_size, qk_int8)
 
 
 @fp8_attention_op.register_fake
@@ -113,6 +124,7 @@ def _fp8_attention_fake(
     pv_fp8: bool,
     granularity: str,
     block_size: int,
+    qk_int8: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     lse = q.new_empty(q.shape[:-1], dtype=torch.float32)

@@ -1,6 +1,9 @@
-"""Fused FP8 (e4m3) quantisation in Triton, bit-exact with :func:`adaattn_precision.quantize_fp8`.
+"""Fused FP8 (e4m3) and int8 quantisation in Triton, bit-exact with their contracts.
 
-:func:`quantize_fp8_triton` is the public entry point (same numbers as
+:func:`quantize_fp8_triton` is bit-exact with :func:`adaattn_precision.quantize_fp8`, and
+:func:`quantize_int8_triton` with :func:`adaattn_kernels.fp8.quantize_int8` (symmetric int8,
+``scale = amax/127``). For e4m3, :func:`quantize_fp8_triton` is the public entry point (same
+numbers as
 ``adaattn_precision.quantize_fp8(x, fmt="e4m3", granularity=..., block_size=...)``; one program
 per scale group reads its rows twice — maximum, then quantise, the second read from cache — and
 writes the FP8 tensor once). The attention op uses the internal helpers, which also
@@ -17,7 +20,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["TRITON_GRANULARITIES", "kernel_tile_n", "quantize_fp8_triton"]
+__all__ = ["TRITON_GRANULARITIES", "kernel_tile_n", "quantize_fp8_triton", "quantize_int8_triton"]
 
 #: Granularities the Triton quantisation (and the FP8 attention op) implement.
 TRITON_GRANULARITIES = ("block", "token")
@@ -63,6 +66,7 @@ def quantize_rows(
     block_size: int,
     mean: torch.Tensor | None = None,
     pad_to: int = 1,
+    int8: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Quantise ``x`` (B, H, S, D) with scales over token blocks or tokens (validated inputs).
 
@@ -72,16 +76,18 @@ def quantize_rows(
         block_size: Tokens per scale group for ``"block"``.
         mean: Optional float32 ``(B, H, D)`` subtracted from every token before quantising.
         pad_to: The token dimension of the result is padded with zeros to a multiple of this.
+        int8: Symmetric int8 (``scale = amax/127``) instead of e4m3.
 
     Returns:
-        ``(xq, scale)``: contiguous e4m3 ``(B, H, S_pad, D)`` and float32 ``(B, H, n_groups)``.
+        ``(xq, scale)``: contiguous e4m3 (or int8) ``(B, H, S_pad, D)`` and float32
+        ``(B, H, n_groups)``.
     """
     from adaattn_kernels.fp8._triton_kernels import _quant_rows_kernel
 
     x = _unit_last_stride(x)
     b, h, s, d = x.shape
     sp = _padded(s, pad_to)
-    xq = torch.empty((b, h, sp, d), dtype=_FP8, device=x.device)
+    xq = torch.empty((b, h, sp, d), dtype=torch.int8 if int8 else _FP8, device=x.device)
     if sp > s:
         xq[:, :, s:].view(torch.uint8).zero_()
     qblock = 1 if granularity == "token" else block_size
@@ -105,7 +111,7 @@ def quantize_rows(
             *mstrides,
             h, s, sp, n_groups,
             HEAD_DIM=d, BLOCK_D=_pow2_at_least(d), QBLOCK=qblock, ROWS=rows,
-            SMOOTH=mean is not None, ROUND_SW=True, num_warps=4,
+            SMOOTH=mean is not None, ROUND_SW=True, INT8=int8, num_warps=4,
         )  # fmt: skip
     return xq, scale
 
@@ -140,6 +146,37 @@ def quantize_channels_t(v: torch.Tensor, *, pad_to: int = 1) -> tuple[torch.Tens
     return vqt, scale
 
 
+def _check_quant_input(
+    x: torch.Tensor, granularity: str, block_size: int
+) -> tuple[torch.Tensor, torch.Size]:
+    """Validate the input of the public quantisation kernels; ``(x as (1, N, S, D), shape)``."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"`x` must be a torch.Tensor, got {type(x).__name__}")
+    if x.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        raise TypeError(f"`x` has dtype {x.dtype}; supported are float16, bfloat16, float32")
+    if granularity not in TRITON_GRANULARITIES:
+        raise ValueError(
+            f"`granularity` must be one of {TRITON_GRANULARITIES}, got {granularity!r}; "
+            "per-tensor scales are not implemented"
+        )
+    if isinstance(block_size, bool) or not isinstance(block_size, int):
+        raise TypeError(f"`block_size` must be an int, got {type(block_size).__name__}")
+    if block_size < 1:
+        raise ValueError(f"`block_size` must be ≥ 1, got {block_size}")
+    if x.dim() < 2:
+        raise ValueError(f"`x` must have shape (..., S, D), got {tuple(x.shape)}")
+    if x.numel() == 0:
+        raise ValueError(f"`x` is empty (shape {tuple(x.shape)})")
+    if not x.is_cuda and not (x.device.type == "cpu" and _interpreting()):
+        raise ValueError(
+            f"`x` is on {x.device}; the Triton quantisation needs a CUDA tensor (or a CPU tensor "
+            "with TRITON_INTERPRET=1); use adaattn_precision.quantize_fp8 or "
+            "adaattn_kernels.fp8.quantize_int8 instead"
+        )
+    s, d = x.shape[-2], x.shape[-1]
+    return x.reshape(1, -1, s, d), x.shape
+
+
 def quantize_fp8_triton(
     x: torch.Tensor, *, granularity: str = "block", block_size: int = 128
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -167,29 +204,38 @@ def quantize_fp8_triton(
         ValueError: bad granularity, block size, rank, empty input, or a device the kernel
             cannot run on.
     """
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f"`x` must be a torch.Tensor, got {type(x).__name__}")
-    if x.dtype not in (torch.float16, torch.bfloat16, torch.float32):
-        raise TypeError(f"`x` has dtype {x.dtype}; supported are float16, bfloat16, float32")
-    if granularity not in TRITON_GRANULARITIES:
-        raise ValueError(
-            f"`granularity` must be one of {TRITON_GRANULARITIES}, got {granularity!r}; "
-            "use adaattn_precision.quantize_fp8 for per-tensor scales"
-        )
-    if isinstance(block_size, bool) or not isinstance(block_size, int):
-        raise TypeError(f"`block_size` must be an int, got {type(block_size).__name__}")
-    if block_size < 1:
-        raise ValueError(f"`block_size` must be ≥ 1, got {block_size}")
-    if x.dim() < 2:
-        raise ValueError(f"`x` must have shape (..., S, D), got {tuple(x.shape)}")
-    if x.numel() == 0:
-        raise ValueError(f"`x` is empty (shape {tuple(x.shape)})")
-    if not x.is_cuda and not (x.device.type == "cpu" and _interpreting()):
-        raise ValueError(
-            f"`x` is on {x.device}; the Triton quantisation needs a CUDA tensor (or a CPU tensor "
-            "with TRITON_INTERPRET=1); use adaattn_precision.quantize_fp8 instead"
-        )
-    s, d = x.shape[-2], x.shape[-1]
-    x4 = x.reshape(1, -1, s, d)
+    x4, shape = _check_quant_input(x, granularity, block_size)
     xq, scale = quantize_rows(x4, granularity=granularity, block_size=block_size)
-    return xq.reshape(x.shape), scale.reshape(*x.shape[:-2], scale.shape[-1])
+    return xq.reshape(shape), scale.reshape(*shape[:-2], scale.shape[-1])
+
+
+def quantize_int8_triton(
+    x: torch.Tensor, *, granularity: str = "block", block_size: int = 128
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Quantise ``x`` of shape ``(..., S, D)`` to symmetric int8 with a fused Triton kernel.
+
+    Produces exactly the tensors of :func:`adaattn_kernels.fp8.quantize_int8`:
+    ``scale = amax / 127`` (IEEE float32 division; 1 for an all-zero group) per group of
+    ``block_size`` tokens (``"block"``) or per token (``"token"``), and
+    ``xq = round_half_even(clamp(x / scale, ±127))``. This is the quantisation of Q and K inside
+    :func:`~adaattn_kernels.fp8.fp8_attention` with ``qk_dtype="int8"`` (SageAttention, Zhang et
+    al. 2024, arXiv 2410.02367, Sec. 3.3).
+
+    Args:
+        x: CUDA tensor (or CPU under ``TRITON_INTERPRET=1``) of dtype float16, bfloat16 or
+            float32 with at least 2 dims; finite (not checked, to avoid a host synchronisation).
+        granularity: ``"block"`` or ``"token"``.
+        block_size: Tokens per block for ``"block"`` (≥ 1).
+
+    Returns:
+        ``(xq, scale)``: int8 ``xq`` of ``x``'s shape; float32 ``scale`` of shape
+        ``(..., ceil(S / block_size))`` or ``(..., S)``.
+
+    Raises:
+        TypeError: ``x`` is not a tensor of a supported dtype, or ``block_size`` is not an int.
+        ValueError: bad granularity, block size, rank, empty input, or a device the kernel
+            cannot run on.
+    """
+    x4, shape = _check_quant_input(x, granularity, block_size)
+    xq, scale = quantize_rows(x4, granularity=granularity, block_size=block_size, int8=True)
+    return xq.reshape(shape), scale.reshape(*shape[:-2], scale.shape[-1])
