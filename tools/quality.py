@@ -58,7 +58,7 @@ def english_token_chunks(tok: Any, source: str, n_tokens: int, context: int) -> 
             if total >= need_chars:
                 break
         text = "\n\n".join(parts)
-    ids = tok(text, return_tensors="pt")["input_ids"][0]
+    ids = tok(text, return_tensors="pt", verbose=False)["input_ids"][0]
     chunks = min(len(ids) // context, max(1, n_tokens // context))
     if chunks * context < n_tokens:
         raise ValueError(f"{source}: only {len(ids)} tokens available, need {n_tokens}")
@@ -138,7 +138,7 @@ def minilm_study(
     """Cosine similarity of MiniLM sentence embeddings, adaptive vs exact, on Wikipedia passages."""
     model, tok = assets.load_minilm(device=device)
     ids = tok(assets.wikipedia_text(max_chars=n_passages * length * 8), return_tensors="pt",
-              add_special_tokens=False)["input_ids"][0]  # fmt: skip
+              add_special_tokens=False, verbose=False)["input_ids"][0]  # fmt: skip
     n = min(n_passages, len(ids) // length)
     passages = ids[: n * length].view(n, length)
     cls, sep = tok.cls_token_id, tok.sep_token_id

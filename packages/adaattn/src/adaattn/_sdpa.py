@@ -24,7 +24,7 @@ _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 @dataclass
 class Problem:
-    """One attention call as a 4-D problem (``q`` is ``(B, H, L, D)``, ``k``/``v`` ``(B, Hkv, S, D)``)."""
+    """One attention call as a 4-D problem: ``q`` (B, H, L, D), ``k``/``v`` (B, Hkv, S, D)."""
 
     q: torch.Tensor
     k: torch.Tensor
@@ -154,8 +154,9 @@ def check_arguments(
             )
 
 
-def unsupported_reason(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                       scale: float | None) -> str | None:
+def unsupported_reason(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: float | None
+) -> str | None:
     """Why a validated call must run on torch SDPA rather than the kernels (``None`` if not)."""
     if query.numel() == 0 or key.numel() == 0 or value.numel() == 0:
         return "empty input tensor (a dimension of size 0)"

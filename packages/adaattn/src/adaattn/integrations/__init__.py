@@ -1,0 +1,1 @@
+"""Integrations of AdaAttn with model libraries (``adaattn.integrations.transformers``)."""
