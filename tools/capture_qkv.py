@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-PLAYS = ("hamlet", "macbeth", "othello", "king_lear", "tempest", "twelfth_night")
+PLAYS = ("hamlet", "macbeth", "othello", "lear", "tempest", "twelfth_night")
 
 
 def main() -> None:
