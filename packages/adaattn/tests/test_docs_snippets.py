@@ -1,0 +1,59 @@
+"""Every Python snippet in the docs, the package READMEs and examples/ runs (on CPU).
+
+Blocks of one Markdown file run in order in one namespace, as a reader would paste them. From the
+first block that names ``cuda`` on, a file's blocks run only where a CUDA device exists. These files live in the repository, not in the sdist: outside
+a checkout the tests skip.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[3]
+DOCS = REPO / "docs"
+MARKDOWN = sorted(
+    [*DOCS.glob("**/*.md"), *REPO.glob("packages/*/README.md"), REPO / "README.md"]
+    if DOCS.is_dir()
+    else []
+)
+EXAMPLES = sorted((REPO / "examples").glob("*.py")) if DOCS.is_dir() else []
+BLOCK = re.compile(r"^```python\n(.*?)^```", re.MULTILINE | re.DOTALL)
+
+
+def _blocks(path: Path) -> list[str]:
+    return BLOCK.findall(path.read_text())
+
+
+FILES_WITH_CODE = [p for p in MARKDOWN if _blocks(p)]
+
+
+@pytest.mark.skipif(not FILES_WITH_CODE, reason="docs/ not present (not a repository checkout)")
+@pytest.mark.parametrize("path", FILES_WITH_CODE, ids=lambda p: str(p.relative_to(REPO)))
+def test_markdown_snippets_run(path: Path) -> None:
+    namespace: dict[str, object] = {"__name__": "__docs__"}
+    for i, block in enumerate(_blocks(path)):
+        if "cuda" in block and not torch.cuda.is_available():
+            pytest.skip(f"block {i} and later need a CUDA device (run in tests-gpu)")
+        try:
+            exec(compile(block, f"{path.name}[block {i}]", "exec"), namespace)
+        except Exception as exc:  # pragma: no cover - the failure message is the point
+            pytest.fail(f"{path.relative_to(REPO)} block {i} raised {exc!r}:\n{block}")
+
+
+@pytest.mark.model
+@pytest.mark.skipif(not EXAMPLES, reason="examples/ not present (not a repository checkout)")
+@pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: p.name)
+def test_example_runs(path: Path, tmp_path: Path) -> None:
+    env = {**os.environ, "MPLBACKEND": "Agg"}
+    proc = subprocess.run(
+        [sys.executable, str(path)], cwd=tmp_path, env=env, capture_output=True, text=True,
+        timeout=900,
+    )  # fmt: skip
+    assert proc.returncode == 0, f"{path.name} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
