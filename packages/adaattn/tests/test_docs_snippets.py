@@ -1,8 +1,8 @@
 """Every Python snippet in the docs, the package READMEs and examples/ runs (on CPU).
 
 Blocks of one Markdown file run in order in one namespace, as a reader would paste them. From the
-first block that names ``cuda`` on, a file's blocks run only where a CUDA device exists. These files live in the repository, not in the sdist: outside
-a checkout the tests skip.
+first block that names ``cuda`` on, a file's blocks run only where a CUDA device exists. These
+files live in the repository, not in the sdist: outside a checkout the tests skip.
 """
 
 from __future__ import annotations
@@ -51,9 +51,14 @@ def test_markdown_snippets_run(path: Path) -> None:
 @pytest.mark.skipif(not EXAMPLES, reason="examples/ not present (not a repository checkout)")
 @pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: p.name)
 def test_example_runs(path: Path, tmp_path: Path) -> None:
-    env = {**os.environ, "MPLBACKEND": "Agg"}
+    # Run in a scratch folder (examples may write files); keep PYTHONPATH valid from there.
+    pythonpath = os.pathsep.join(
+        str(Path(p).resolve()) for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p
+    )
+    env = {**os.environ, "MPLBACKEND": "Agg", "PYTHONPATH": pythonpath}
     proc = subprocess.run(
         [sys.executable, str(path)], cwd=tmp_path, env=env, capture_output=True, text=True,
         timeout=900,
     )  # fmt: skip
-    assert proc.returncode == 0, f"{path.name} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    tail = f"{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    assert proc.returncode == 0, f"{path.name} failed:\n{tail}"
