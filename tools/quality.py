@@ -184,7 +184,7 @@ def main() -> None:
     )
     parser.add_argument("--ablation-tolerance", type=float, default=0.05)
     parser.add_argument("--policy", default="balanced", choices=("quality", "balanced", "speed"))
-    parser.add_argument("--sample-size", type=int, default=64)
+    parser.add_argument("--sample-size", type=int, default=256)
     parser.add_argument("--passages", type=int, default=None, help="MiniLM passages (default 128)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args()

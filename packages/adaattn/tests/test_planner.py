@@ -344,3 +344,24 @@ def test_adaptive_bf16_on_gpu_meets_the_budget() -> None:
     err = rel_err(out, ref)[0]
     # bf16 output rounding adds ~4e-3 on top of the plan's own error.
     assert float(err.max()) <= 1.3 * 0.05 + 8e-3
+
+
+def test_cached_plan_follows_the_active_policy() -> None:
+    """A plan made under one active policy is not reused under another (cache key)."""
+    from adaattn_precision import PrecisionPolicy
+
+    q, k, v = structured_qkv(("diffuse", "diffuse"), seq_len=256, seed=11)
+    cfg = AdaAttnConfig(modes=("exact", "fp8"), tolerance=None, policy=None, min_seq_len=0)
+    attn = AdaptiveAttention(cfg, layer_idx=0)
+    with torch.no_grad():
+        with PrecisionPolicy.preset("speed"):
+            attn(q, k, v)
+            speed_plan = attn.plan
+        with PrecisionPolicy.preset("quality"):
+            attn(q, k, v)
+            quality_plan = attn.plan
+    assert speed_plan is not None
+    assert quality_plan is not None
+    assert quality_plan is not speed_plan
+    assert all(h.mode == "exact" for h in quality_plan.heads)  # quality forbids FP8
+    assert len(attn.planner.cached_plans) == 2

@@ -357,7 +357,7 @@ def _parser() -> argparse.ArgumentParser:
     analyze.add_argument("--max-tokens", type=int, default=512)
     analyze.add_argument("--tolerance", type=float, default=0.05)
     analyze.add_argument("--policy", default="balanced", choices=("quality", "balanced", "speed"))
-    analyze.add_argument("--sample-size", type=int, default=64)
+    analyze.add_argument("--sample-size", type=int, default=256)
     analyze.add_argument(
         "--windows", default="32,64,128,256", help="hybrid windows, comma-separated"
     )

@@ -63,7 +63,7 @@ class AdaAttnConfig:
     tolerance: float | None = None
     policy: PrecisionPolicy | str | None = None
     modes: tuple[str, ...] = ("exact",)
-    sample_size: int = 64
+    sample_size: int = 256
     replan: Replan = "per_bucket"
     min_seq_len: int = 1024
     hybrid_windows: tuple[int, ...] = (64, 128, 256, 512)

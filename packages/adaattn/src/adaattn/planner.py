@@ -25,8 +25,10 @@ a head's error is the maximum over (up to four of) the batch entries.
 
 Cost model, relative to exact attention of the same head: FP8 ``≈ 0.58`` (FP8 vs bf16 dense
 matmul throughput measured on an H100: 723 / 1249 TFLOP/s, ``shared/ANCHORS.md``); hybrid
-``(w + s + r + Sk/Sq) / n̄`` with ``n̄`` the mean number of keys a query attends, i.e. keys read
-per query (window, sinks, pooled segments, plus the pooling pass) over those of exact attention.
+``(E + (n̄ − E)/g + Sk/Sq) / n̄``, with ``n̄`` the mean number of keys a query attends,
+``g = ⌈Sk/r⌉`` the segment size and ``E = g⌈s/g⌉ + w + (g − 1)·(1 causal, 2 otherwise)`` the keys
+read exactly once sinks and window are rounded to segment boundaries as the kernel does: keys read
+per query (exact part, pooled segments, the pooling pass) over those of exact attention.
 """
 
 from __future__ import annotations
@@ -51,6 +53,9 @@ COST_FP8: float = 723.0 / 1249.0
 _PLAN_BATCH = 4
 #: Sink keys every hybrid candidate keeps exact (StreamingLLM, Xiao et al. 2024: 4 sinks).
 _HYBRID_SINKS = 4
+# Prepared executables kept per cached plan (oldest dropped first): bounded, so that decoding,
+# whose key length changes every call, cannot grow it without limit.
+_PREPARED_CACHE_SIZE = 8
 _NONFINITE = "inputs hold NaN or Inf; exact attention propagates them (not cached)"
 _DTYPE_NAMES = {
     torch.float16: "fp16",
@@ -208,10 +213,19 @@ def _bucket(n: int) -> int:
     return 1 << max(n - 1, 0).bit_length()
 
 
-def _bucket_key(problem: Problem) -> tuple[Any, ...]:
+def _bucket_key(problem: Problem, policy: Any, tolerance: float) -> tuple[Any, ...]:
+    """Cache key of a plan: everything the planner's decision depends on.
+
+    The active policy and tolerance are part of it, so a plan made under ``speed`` is never
+    reused inside ``with PrecisionPolicy.preset("quality"):``.
+    """
     q = problem.q
     return (
+        repr(policy),
+        tolerance,
         int(q.shape[1]),
+        int(problem.k.shape[1]),
+        problem.scale,
         _bucket(problem.seq_q),
         _bucket(problem.seq_k),
         problem.causal,
@@ -277,7 +291,7 @@ class Planner:
     def run(self, problem: Problem) -> tuple[torch.Tensor, AttentionPlan]:
         """Plan (or reuse the bucket's plan) and execute one call; returns ``(out4, plan)``."""
         self.stats.calls += 1
-        key = _bucket_key(problem)
+        key = _bucket_key(problem, self.config.resolved_policy(), self.config.resolved_tolerance())
         entry = self._cache.get(key)
         interval = self.config.replan_interval
         if entry is None or (interval is not None and entry.uses >= interval):
@@ -434,8 +448,15 @@ class Planner:
         if policy.fp8.fmt != "e4m3":
             return f"the FP8 kernel is e4m3 only; policy {policy.name!r} asks {policy.fp8.fmt}"
         q = problem.q
-        if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
-            return f"the FP8 path takes float16/bfloat16/float32 inputs, not {q.dtype}"
+        if q.device.type not in ("cuda", "cpu"):
+            return f"no FP8 path on {q.device.type} devices"
+        allowed = (
+            (torch.float16, torch.bfloat16)
+            if q.is_cuda
+            else (torch.float16, torch.bfloat16, torch.float32)
+        )
+        if q.dtype not in allowed:
+            return f"the FP8 path on {q.device.type} takes {allowed} inputs, not {q.dtype}"
         if grad:
             return "gradients are required and the FP8 path has no backward"
         if q.device.type == "cuda":
@@ -468,10 +489,17 @@ class Planner:
         cfg = self.config
         heads, seq_q, seq_k = int(q.shape[1]), problem.seq_q, problem.seq_k
         mean_keys = _mean_keys(seq_q, seq_k, problem.causal)
-        overhead = _HYBRID_SINKS + seq_k / seq_q
+        pooling = seq_k / seq_q  # the far-field pooling pass, per query
 
         def cost(w: int, r: int) -> float:
-            return min(1.0, (w + r + overhead) / mean_keys)
+            # Keys read per query by the kernel's decomposition (hybrid/naive.py): sinks rounded
+            # up to whole segments, the window widened to segment boundaries (one edge when
+            # causal, two otherwise), then one pooled key per segment of what is left.
+            g = -(-seq_k // r)
+            sinks = min(g * -(-_HYBRID_SINKS // g), seq_k)
+            exact = min(sinks + w + (g - 1) * (1 if problem.causal else 2), mean_keys)
+            pooled = max(mean_keys - exact, 0.0) / g
+            return min(1.0, (exact + pooled + pooling) / mean_keys)
 
         grid = [(w, r) for w in cfg.hybrid_windows for r in cfg.hybrid_ranks if cost(w, r) < 1.0]
         if not grid:
@@ -638,6 +666,8 @@ def execute_plan(
     if ex is None:
         ex = _compile(problem, plan, grad)
         if cache is not None:
+            if len(cache) >= _PREPARED_CACHE_SIZE:  # decoding: a new key length every call
+                cache.pop(next(iter(cache)))
             cache[key] = ex
     if all(m == "exact" for m in ex.modes):
         out = _backends.dense_attention(

@@ -97,11 +97,12 @@ class AdaAttnIntegration:
         **kwargs: Any,
     ) -> tuple[torch.Tensor, None]:
         """Attention of one module call; see the class docstring for shapes."""
-        if kwargs.get("softcap") is not None:
-            raise ValueError(
-                "attn_implementation='adaattn' does not support attention logit `softcap`; "
-                "use attn_implementation='eager' for this model"
-            )
+        for unsupported in ("softcap", "s_aux", "sinks"):  # logit soft-capping, attention sinks
+            if kwargs.get(unsupported) is not None:
+                raise ValueError(
+                    f"attn_implementation='adaattn' does not support `{unsupported}`; "
+                    "use attn_implementation='eager' for this model"
+                )
         q_len, kv_len = query.shape[2], key.shape[2]
         is_causal = kwargs.get("is_causal")
         if is_causal is None:
