@@ -110,8 +110,8 @@ def attention(
             ``torch.nn.functional.scaled_dot_product_attention(is_causal=True)`` does. The two
             agree when ``Sq == Sk``.
         scale: Multiplier of ``Q Kᵀ``; default ``1/sqrt(D)``.
-        return_lse: Also return ``lse`` ``(B, Hq, Sq)`` float32, the natural-log
-            log-sum-exp of each query's scaled, masked scores.
+        return_lse: Also return ``lse`` ``(B, Hq, Sq)``, the natural-log log-sum-exp of each
+            query's scaled, masked scores: float32 (float64 for float64 inputs).
         backend: ``"auto"`` (Triton on CUDA when supported, else the reference), ``"triton"``
             (raise ``ValueError`` if unsupported) or ``"reference"``
             (:func:`adaattn_kernels.attention_reference`).

@@ -116,7 +116,8 @@ def hybrid_attention(
         causal: ``False``; ``True``/``"bottom_right"`` (keys ``j ≤ i + Sk − Sq``) or
             ``"top_left"`` (keys ``j ≤ i``), as in :func:`adaattn_kernels.attention`.
         scale: Score scale ``σ``, default ``1/sqrt(D)``.
-        return_lse: Also return the natural-log log-sum-exp ``(B, Hq, Sq)`` float32.
+        return_lse: Also return the natural-log log-sum-exp ``(B, Hq, Sq)`` float32
+            (float64 for float64 inputs).
         backend: ``"auto"`` (Triton for supported CUDA inputs, else the reference),
             ``"triton"`` (raise if unsupported; CPU tensors need ``TRITON_INTERPRET=1``) or
             ``"reference"`` (:func:`~adaattn_kernels.hybrid.naive.hybrid_attention_reference`).
