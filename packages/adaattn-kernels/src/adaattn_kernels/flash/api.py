@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import os
-
 import torch
 
+from adaattn_kernels._triton import runs_triton, triton_installed
 from adaattn_kernels._validation import (
     AttentionShape,
     CausalArg,
@@ -26,18 +25,6 @@ _BACKENDS = ("auto", "triton", "reference")
 _MAX_GRID_Y = 65535
 
 
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET") == "1"
-
-
-def _triton_available() -> bool:
-    try:
-        import triton  # noqa: F401
-    except ImportError:  # pragma: no cover - triton is a dependency on Linux
-        return False
-    return True
-
-
 def triton_unsupported_reason(
     q: torch.Tensor, shape: AttentionShape, attn_mask: torch.Tensor | None
 ) -> str | None:
@@ -46,9 +33,9 @@ def triton_unsupported_reason(
     The message names the argument at fault; :func:`attention` raises it as a ``ValueError``
     for ``backend="triton"`` and falls back to the reference for ``backend="auto"``.
     """
-    if not _triton_available():
+    if not triton_installed():
         return "Triton is not installed; install `triton` or use backend='reference'"
-    if q.device.type != "cuda" and not (q.device.type == "cpu" and _interpreting()):
+    if not runs_triton(q):
         return (
             f"`q` is on {q.device}; the Triton backend needs CUDA tensors (or CPU tensors with "
             "TRITON_INTERPRET=1); use backend='reference'"

@@ -7,6 +7,7 @@ from typing import Literal
 import torch
 from adaattn_precision import DeviceCapability, triton_available
 
+from adaattn_kernels._triton import interpreting
 from adaattn_kernels._validation import (
     AttentionShape,
     CausalArg,
@@ -15,7 +16,7 @@ from adaattn_kernels._validation import (
     resolve_scale,
 )
 from adaattn_kernels.fp8.naive import _check_rows, _simulate, check_fp8_options
-from adaattn_kernels.fp8.quant import _interpreting, kernel_tile_n
+from adaattn_kernels.fp8.quant import kernel_tile_n
 
 __all__ = [
     "FP8_HEAD_DIMS",
@@ -38,7 +39,7 @@ def _has_tensor_descriptors() -> bool:
 
 
 def _interpreting_cpu(q: torch.Tensor) -> bool:
-    return q.device.type == "cpu" and _interpreting()
+    return q.device.type == "cpu" and interpreting()
 
 
 def _capability_reason(cap: DeviceCapability) -> str | None:

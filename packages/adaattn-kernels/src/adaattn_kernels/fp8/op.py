@@ -11,10 +11,10 @@ Inputs are assumed validated by :func:`adaattn_kernels.fp8.fp8_attention`.
 # No `from __future__ import annotations` here: custom_op infers the schema from annotations.
 import torch
 
+from adaattn_kernels._triton import interpreting
 from adaattn_kernels._validation import CAUSAL_NONE, causal_offset
 from adaattn_kernels.fp8.quant import (
     _device_ctx,
-    _interpreting,
     _unit_last_stride,
     quantize_channels_t,
     quantize_rows,
@@ -90,7 +90,7 @@ def _run(
             seq_bucket(sq), seq_bucket(sk),
             HEAD_DIM=d, Q_BLOCK=qblock, K_BLOCK=kblock,
             CAUSAL=causal_mode != CAUSAL_NONE, PV_FP8=pv_fp8, FUSE_Q=fuse_q, QK_INT8=qk_int8,
-            ROUND_SW=_interpreting(), BLOCK_N=BLOCK_N,
+            ROUND_SW=interpreting(), BLOCK_N=BLOCK_N,
         )  # fmt: skip
     return out, lse
 

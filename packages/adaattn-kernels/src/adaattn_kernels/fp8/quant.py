@@ -15,10 +15,11 @@ per-channel scales.
 from __future__ import annotations
 
 import contextlib
-import os
 from typing import Any
 
 import torch
+
+from adaattn_kernels._triton import interpreting, runs_triton
 
 __all__ = ["TRITON_GRANULARITIES", "kernel_tile_n", "quantize_fp8_triton", "quantize_int8_triton"]
 
@@ -28,10 +29,6 @@ _FP8 = torch.float8_e4m3fn
 _ROWS_TOKEN = 32
 
 
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET") == "1"
-
-
 def kernel_tile_n() -> int:
     """Keys per tile of the FP8 attention kernel: 128 on the GPU, 32 under the interpreter.
 
@@ -39,7 +36,7 @@ def kernel_tile_n() -> int:
     how the probabilities are rounded to e4m3; :func:`~adaattn_kernels.fp8.fp8_attention_reference`
     replays the same tiles.
     """
-    return 32 if _interpreting() else 128
+    return 32 if interpreting() else 128
 
 
 def _device_ctx(t: torch.Tensor) -> contextlib.AbstractContextManager[Any]:
@@ -167,7 +164,7 @@ def _check_quant_input(
         raise ValueError(f"`x` must have shape (..., S, D), got {tuple(x.shape)}")
     if x.numel() == 0:
         raise ValueError(f"`x` is empty (shape {tuple(x.shape)})")
-    if not x.is_cuda and not (x.device.type == "cpu" and _interpreting()):
+    if not runs_triton(x):
         raise ValueError(
             f"`x` is on {x.device}; the Triton quantisation needs a CUDA tensor (or a CPU tensor "
             "with TRITON_INTERPRET=1); use adaattn_precision.quantize_fp8 or "

@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import os
-
 import torch
 
+from adaattn_kernels._triton import runs_triton, triton_installed
 from adaattn_kernels._validation import (
     AttentionShape,
     CausalArg,
@@ -28,16 +27,10 @@ _TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _BACKENDS = ("auto", "triton", "reference")
 
 
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET") == "1"
-
-
 def _triton_unsupported_reason(q: torch.Tensor, shape: AttentionShape) -> str | None:
-    try:
-        import triton  # noqa: F401
-    except ImportError:  # pragma: no cover - triton is a dependency on Linux
+    if not triton_installed():  # pragma: no cover - triton is a dependency on Linux
         return "Triton is not installed; install `triton` or use backend='reference'"
-    if q.device.type != "cuda" and not (q.device.type == "cpu" and _interpreting()):
+    if not runs_triton(q):
         return (
             f"`q` is on {q.device}; the Triton backend needs CUDA tensors (or CPU tensors with "
             "TRITON_INTERPRET=1); use backend='reference'"
