@@ -18,7 +18,7 @@ backend (import :mod:`adaattn_kernels.fp8.op` to register it eagerly).
 
 from adaattn_kernels.fp8.api import FP8_HEAD_DIMS, fp8_attention, fp8_unsupported_reason
 from adaattn_kernels.fp8.naive import (
-    GRANULARITIES,
+    ATTENTION_GRANULARITIES,
     PV_DTYPES,
     QK_DTYPES,
     fp8_attention_error,
@@ -33,8 +33,8 @@ from adaattn_kernels.fp8.quant import (
 )
 
 __all__ = [
+    "ATTENTION_GRANULARITIES",
     "FP8_HEAD_DIMS",
-    "GRANULARITIES",
     "PV_DTYPES",
     "QK_DTYPES",
     "TRITON_GRANULARITIES",

@@ -60,7 +60,7 @@ QK_DTYPES = ("int8", "fp8")
 #: Largest int8 code used (symmetric: -128 is never produced).
 INT8_MAX = 127.0
 #: Accepted values of ``granularity`` (scale groups of Q and K; the first is the default).
-GRANULARITIES = ("block", "q_token", "token")
+ATTENTION_GRANULARITIES = ("block", "q_token", "token")
 _LN2 = math.log(2.0)
 _P_SHIFT = 8.0
 _REF_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -80,7 +80,7 @@ def check_fp8_options(
             f"`pv_dtype` must be 'fp8' (P and V in e4m3) or 'fp16' (P·V in the 16-bit input "
             f"dtype), got {pv_dtype!r}"
         )
-    if granularity not in GRANULARITIES:
+    if granularity not in ATTENTION_GRANULARITIES:
         raise ValueError(
             f"`granularity` must be 'block', 'q_token' (per-token Q, per-block K) or 'token', "
             f"got {granularity!r}"
