@@ -8,7 +8,8 @@ goes through the small functions below, so an API change there is absorbed here.
 
 from __future__ import annotations
 
-from typing import Any
+import warnings
+from typing import Any, Literal
 
 import torch
 from adaattn_precision import (
@@ -20,6 +21,8 @@ from adaattn_precision import (
     predict_attention_error,
     tensor_stats,
 )
+
+from adaattn.exceptions import AdaAttnFallbackWarning
 
 __all__ = [
     "DeviceCapability",
@@ -50,12 +53,31 @@ def dense_attention(
     causal: bool,
     scale: float,
 ) -> torch.Tensor:
-    """Exact attention of a 4-D problem; ``causal`` is SDPA's top-left convention."""
+    """Exact attention of a 4-D problem; ``causal`` is SDPA's top-left convention.
+
+    On CUDA, inputs the Triton kernel does not take (float32, an unsupported head_dim, ...) run
+    the PyTorch reference instead — correct, but slower — and say so with an
+    :class:`~adaattn.exceptions.AdaAttnFallbackWarning`.
+    """
     from adaattn_kernels import attention
 
-    out = attention(
-        q, k, v, attn_mask=attn_mask, causal="top_left" if causal else False, scale=scale
-    )
+    mode: Literal["top_left"] | bool = "top_left" if causal else False
+    if q.is_cuda:
+        try:
+            out = attention(
+                q, k, v, attn_mask=attn_mask, causal=mode, scale=scale, backend="triton"
+            )
+        except ValueError as exc:  # unsupported by the Triton path; bad inputs raise again below
+            warnings.warn(
+                f"exact attention on {q.device} runs the PyTorch reference: {exc}",
+                AdaAttnFallbackWarning,
+                stacklevel=3,
+            )
+            out = attention(
+                q, k, v, attn_mask=attn_mask, causal=mode, scale=scale, backend="reference"
+            )
+    else:
+        out = attention(q, k, v, attn_mask=attn_mask, causal=mode, scale=scale)
     assert isinstance(out, torch.Tensor)
     return out
 
