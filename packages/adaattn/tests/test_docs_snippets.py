@@ -31,11 +31,21 @@ def _blocks(path: Path) -> list[str]:
     return BLOCK.findall(path.read_text())
 
 
-FILES_WITH_CODE = [p for p in MARKDOWN if _blocks(p)]
+# Snippets that load the packaged models need transformers and the model packages: `model` tests.
+_NEEDS_MODELS = ("transformers", "load_smollm2", "load_minilm")
+FILES_WITH_CODE = [
+    pytest.param(
+        p,
+        id=str(p.relative_to(REPO)),
+        marks=[pytest.mark.model] if any(n in "".join(_blocks(p)) for n in _NEEDS_MODELS) else [],
+    )
+    for p in MARKDOWN
+    if _blocks(p)
+]
 
 
 @pytest.mark.skipif(not FILES_WITH_CODE, reason="docs/ not present (not a repository checkout)")
-@pytest.mark.parametrize("path", FILES_WITH_CODE, ids=lambda p: str(p.relative_to(REPO)))
+@pytest.mark.parametrize("path", FILES_WITH_CODE)
 def test_markdown_snippets_run(path: Path) -> None:
     namespace: dict[str, object] = {"__name__": "__docs__"}
     for i, block in enumerate(_blocks(path)):
