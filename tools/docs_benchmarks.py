@@ -34,10 +34,25 @@ def _fmt(value: object) -> str:
     return str(value)
 
 
+def _flatten(row: dict[str, object], prefix: str = "") -> dict[str, object]:
+    """Nested dicts become dotted columns; lists of scalars become comma-joined text."""
+    flat: dict[str, object] = {}
+    for key, value in row.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{name}."))
+        elif isinstance(value, list) and all(not isinstance(v, (dict, list)) for v in value):
+            flat[name] = ", ".join(map(str, value))
+        else:
+            flat[name] = value
+    return flat
+
+
 def table(rows: list[dict[str, object]], max_rows: int = 80) -> str:
     """Render rows (dicts) as a Markdown table; columns are the union of keys, in order."""
     if not rows:
         return "_no rows recorded_\n"
+    rows = [_flatten(r) for r in rows]
     cols: list[str] = []
     for row in rows:
         for key in row:
