@@ -225,6 +225,27 @@ def docs(session: nox.Session) -> None:
     session.run("mkdocs", "build", "--strict", *session.posargs)
 
 
+@nox.session(name="docs-browser", default=False)
+def docs_browser(session: nox.Session) -> None:
+    """Build the site, open every page in headless Chromium, fail on console errors/broken links.
+
+    Needs Debian's ``chromium`` and ``chromium-driver`` (``apt-get install chromium
+    chromium-driver``); screenshots of Home and an API page land in ``site-check/``.
+    """
+    import shutil
+
+    if not (shutil.which("chromium") and shutil.which("chromedriver")):
+        session.error("needs chromium and chromedriver: apt-get install chromium chromium-driver")
+    _install_torch(session)
+    session.install("-c", str(CONSTRAINTS), "-r", "docs/requirements.txt", "selenium>=4.20")
+    session.install("-c", str(CONSTRAINTS), *[_pkg(p) for p in PACKAGES])
+    session.run("python", "tools/docs_benchmarks.py")
+    session.run("mkdocs", "build", "--strict", env={"NO_MKDOCS_2_WARNING": "1"})
+    session.run(
+        "python", "tools/docs_browser_check.py", "--site", "site", "--screenshots", "site-check"
+    )
+
+
 @nox.session
 def build(session: nox.Session) -> None:
     """Sdist + wheel of every package into dist/, twine check, and the sibling-range check."""
