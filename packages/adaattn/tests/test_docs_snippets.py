@@ -1,8 +1,9 @@
 """Every Python snippet in the docs, the package READMEs and examples/ runs (on CPU).
 
 Blocks of one Markdown file run in order in one namespace, as a reader would paste them. From the
-first block that names ``cuda`` on, a file's blocks run only where a CUDA device exists. These
-files live in the repository, not in the sdist: outside a checkout the tests skip.
+first block that puts tensors on ``device="cuda"`` on, a file's blocks run only where a CUDA
+device exists. These files live in the repository, not in the sdist: outside a checkout the
+tests skip.
 """
 
 from __future__ import annotations
@@ -27,8 +28,15 @@ EXAMPLES = sorted((REPO / "examples").glob("*.py")) if DOCS.is_dir() else []
 BLOCK = re.compile(r"^```python\n(.*?)^```", re.MULTILINE | re.DOTALL)
 
 
+SNIPPET = re.compile(r'^--8<-- "(.+)"$', re.MULTILINE)
+
+
 def _blocks(path: Path) -> list[str]:
-    return BLOCK.findall(path.read_text())
+    """The file's Python blocks, with ``--8<-- "file"`` includes expanded as MkDocs does."""
+    return [
+        SNIPPET.sub(lambda m: (REPO / m.group(1)).read_text(), block)
+        for block in BLOCK.findall(path.read_text())
+    ]
 
 
 # Snippets that load the packaged models need transformers and the model packages: `model` tests.
@@ -49,7 +57,7 @@ FILES_WITH_CODE = [
 def test_markdown_snippets_run(path: Path) -> None:
     namespace: dict[str, object] = {"__name__": "__docs__"}
     for i, block in enumerate(_blocks(path)):
-        if "cuda" in block and not torch.cuda.is_available():
+        if 'device="cuda"' in block and not torch.cuda.is_available():
             pytest.skip(f"block {i} and later need a CUDA device (run in tests-gpu)")
         try:
             exec(compile(block, f"{path.name}[block {i}]", "exec"), namespace)
