@@ -102,7 +102,8 @@ def tests_cpu(session: nox.Session) -> None:
         "not gpu",
         *[f"packages/{p}/tests" for p in PACKAGES],
         *session.posargs,
-        env=_interpreter_env(),
+        # The material was installed above: a test that cannot find it fails instead of skipping.
+        env={**_interpreter_env(), "ADAATTN_REQUIRE_TEST_MATERIAL": "1"},
     )
     for mod, floor in COVERAGE_FLOOR.items():
         session.log(f"coverage of {mod} (floor {floor}%)")

@@ -4,12 +4,17 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Callable
 from pathlib import Path
+from typing import NoReturn
 
 import pytest
 import torch
 from adaattn import assets
 from adaattn.cli import main
+
+# The `material_missing` fixture (conftest.py): skip, or fail where the material must be there.
+MaterialMissing = Callable[[BaseException], NoReturn]
 
 
 def test_doctor_json_reports_capability_and_self_check(capsys: pytest.CaptureFixture[str]) -> None:
@@ -42,11 +47,11 @@ def test_cli_errors_are_reported_not_raised(capsys: pytest.CaptureFixture[str]) 
     assert "error" in capsys.readouterr().out
 
 
-def test_shakespeare_text_is_real_english() -> None:
+def test_shakespeare_text_is_real_english(material_missing: MaterialMissing) -> None:
     try:
         text = assets.shakespeare_text("hamlet")
     except FileNotFoundError as exc:
-        pytest.skip(str(exc))
+        material_missing(exc)
     assert "To be, or not to be" in text
     assert len(text) > 100_000
     assert len(assets.shakespeare_text("macbeth", max_chars=500)) == 500
@@ -54,11 +59,11 @@ def test_shakespeare_text_is_real_english() -> None:
         assets.shakespeare_text("hamlet_the_sequel")
 
 
-def test_wikipedia_text_has_no_markup() -> None:
+def test_wikipedia_text_has_no_markup(material_missing: MaterialMissing) -> None:
     try:
         text = assets.wikipedia_text(max_chars=50_000)
     except FileNotFoundError as exc:
-        pytest.skip(str(exc))
+        material_missing(exc)
     assert len(text) == 50_000
     assert "{{" not in text
     assert "[[" not in text
@@ -73,12 +78,12 @@ def test_cache_dir_follows_the_environment(monkeypatch: pytest.MonkeyPatch, tmp_
     assert assets.cache_dir().name == "adaattn"
 
 
-def test_analyze_tiny_llama(tmp_path: Path) -> None:
+def test_analyze_tiny_llama(tmp_path: Path, material_missing: MaterialMissing) -> None:
     transformers = pytest.importorskip("transformers")
     try:
         tok = transformers.AutoTokenizer.from_pretrained(assets.minilm_dir())
     except FileNotFoundError as exc:
-        pytest.skip(str(exc))
+        material_missing(exc)
     from adaattn import AdaAttnConfig
     from adaattn.analysis import analyze_model
 
@@ -121,12 +126,14 @@ def test_analyze_tiny_llama(tmp_path: Path) -> None:
 
 
 @pytest.mark.model
-def test_analyze_cli_on_minilm(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_analyze_cli_on_minilm(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], material_missing: MaterialMissing
+) -> None:
     pytest.importorskip("transformers")
     try:
         assets.minilm_dir()
     except FileNotFoundError as exc:
-        pytest.skip(str(exc))
+        material_missing(exc)
     code = main([
         "analyze", "--model", "minilm", "--max-tokens", "64", "--text",
         "Attention is all you need. " * 10, "--out", str(tmp_path), "--windows", "8,16",

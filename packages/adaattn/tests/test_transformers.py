@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from typing import NoReturn
 
 import pytest
 import torch
@@ -14,6 +16,9 @@ transformers = pytest.importorskip(
 import adaattn  # noqa: E402
 from adaattn import AdaAttnConfig  # noqa: E402
 from adaattn.integrations import transformers as adaattn_hf  # noqa: E402
+
+# The `material_missing` fixture (conftest.py): skip, or fail where the material must be there.
+MaterialMissing = Callable[[BaseException], NoReturn]
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -115,13 +120,13 @@ def test_register_validates_names() -> None:
 
 
 @pytest.fixture(scope="module")
-def smollm2() -> tuple[torch.nn.Module, object]:
+def smollm2(material_missing: MaterialMissing) -> tuple[torch.nn.Module, object]:
     from adaattn import assets
 
     try:
         return assets.load_smollm2(attn_implementation="sdpa")
     except (FileNotFoundError, ImportError) as exc:
-        pytest.skip(f"SmolLM2 test material unavailable: {exc}")
+        material_missing(exc)
 
 
 @pytest.mark.model
@@ -139,13 +144,13 @@ def test_smollm2_adaattn_matches_sdpa(smollm2: tuple[torch.nn.Module, object]) -
 
 
 @pytest.fixture(scope="module")
-def minilm() -> tuple[torch.nn.Module, object]:
+def minilm(material_missing: MaterialMissing) -> tuple[torch.nn.Module, object]:
     from adaattn import assets
 
     try:
         return assets.load_minilm(attn_implementation="sdpa")
     except (FileNotFoundError, ImportError) as exc:
-        pytest.skip(f"MiniLM test material unavailable: {exc}")
+        material_missing(exc)
 
 
 @pytest.mark.model
