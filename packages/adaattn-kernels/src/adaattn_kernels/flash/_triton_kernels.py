@@ -31,10 +31,12 @@ import os
 import triton
 import triton.language as tl
 
+from adaattn_kernels._triton import interpreting
+
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
 
-_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+_INTERPRET = interpreting()  # fixed at import, as Triton itself reads the flag
 if _INTERPRET:
     from adaattn_kernels.flash import _interpreter_compat
 

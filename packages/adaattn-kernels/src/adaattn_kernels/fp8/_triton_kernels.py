@@ -52,15 +52,14 @@ it spilled 800+ bytes per thread.
 
 from __future__ import annotations
 
-import os
-
 import numpy as np
 import triton
 import triton.language as tl
 
+from adaattn_kernels._triton import interpreting
 from adaattn_kernels.fp8.quant import kernel_tile_n
 
-_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+_INTERPRET = interpreting()  # fixed at import, as Triton itself reads the flag
 if _INTERPRET:
     from adaattn_kernels.flash import _interpreter_compat
 

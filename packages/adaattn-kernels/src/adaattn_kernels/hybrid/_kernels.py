@@ -25,12 +25,12 @@ is wrong) after the same rounding of ``P`` to the input dtype as on GPU.
 
 from __future__ import annotations
 
-import os
-
 import triton
 import triton.language as tl
 
-_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+from adaattn_kernels._triton import interpreting
+
+_INTERPRET = interpreting()  # fixed at import, as Triton itself reads the flag
 if _INTERPRET:
     from adaattn_kernels.flash import _interpreter_compat
 
