@@ -3,7 +3,8 @@
     python -m tools.bench.tune_flash [--seq 8192] [--head-dims 64 128]
 
 For each (head_dim, causal) it times SDPA flash and cuDNN, then our forward with every candidate
-config with and without TMA descriptors, then the backward kernels (dK/dV and dQ) per config.
+config, with and without TMA descriptors and with each ``exp2`` mode (``--exp2 mufu split
+poly``), then the backward kernels (dK/dV and dQ) per config.
 Each variant's output is checked against cuDNN before it is timed. Prints a table and writes
 ``results/tune_flash.json``. Used to choose the autotune lists in ``_triton_kernels.py``.
 """
@@ -62,6 +63,13 @@ def main() -> int:
     ap.add_argument("--head-dims", type=int, nargs="*", default=[64, 128])
     ap.add_argument("--no-backward", action="store_true")
     ap.add_argument("--tma", nargs="*", default=["0"], help="TMA settings to sweep ('0', '1')")
+    ap.add_argument(
+        "--exp2",
+        nargs="*",
+        default=["mufu"],
+        help="forward exp2 modes to sweep (ADAATTN_FLASH_EXP2: mufu, split, poly)",
+    )
+    ap.add_argument("--fwd-top", type=int, default=len(FWD), help="only the first N fwd configs")
     args = ap.parse_args()
 
     import adaattn_kernels
@@ -126,9 +134,10 @@ def main() -> int:
                     "bwd": b_cu,
                 }
             )
-            for tma in args.tma:
+            for tma, exp2 in [(t, e) for t in args.tma for e in args.exp2]:
                 os.environ["ADAATTN_FLASH_TMA"] = tma
-                for cfg in FWD:
+                os.environ["ADAATTN_FLASH_EXP2"] = exp2
+                for cfg in FWD[: args.fwd_top]:
                     _force(tk._fwd_kernel, cfg, tk._set_kv_block)
                     try:
                         fn = lambda: adaattn_kernels.attention(q, k, v, causal=causal)
@@ -137,7 +146,8 @@ def main() -> int:
                             t = do_bench(fn, return_mode="median")
                     except Exception as exc:
                         print(
-                            f"  fwd tma={tma} {cfg}: FAILED {type(exc).__name__}: {str(exc)[:100]}",
+                            f"  fwd tma={tma} exp2={exp2} {cfg}: FAILED "
+                            f"{type(exc).__name__}: {str(exc)[:100]}",
                             flush=True,
                         )
                         continue
@@ -149,14 +159,15 @@ def main() -> int:
                             "seq": s,
                             "kernel": "fwd",
                             "tma": tma,
+                            "exp2": exp2,
                             "cfg": cfg,
                             "tflops": tf,
                             "err": err,
                         }
                     )
                     print(
-                        f"  fwd tma={tma} {cfg}: {tf:.0f} TF/s ({tf / f_cu:.2f}x cudnn, "
-                        f"{tf / f_fl:.2f}x flash) err {err:.1e}",
+                        f"  fwd tma={tma} exp2={exp2} {cfg}: {tf:.0f} TF/s "
+                        f"({tf / f_cu:.2f}x cudnn, {tf / f_fl:.2f}x flash) err {err:.1e}",
                         flush=True,
                     )
             os.environ["ADAATTN_FLASH_TMA"] = "1"
@@ -169,6 +180,7 @@ def main() -> int:
                 key=lambda r: r["tflops"],
             )
             os.environ["ADAATTN_FLASH_TMA"] = best_fwd["tma"]
+            os.environ["ADAATTN_FLASH_EXP2"] = best_fwd["exp2"]
             _force(tk._fwd_kernel, best_fwd["cfg"], tk._set_kv_block)
             if args.no_backward:
                 continue

@@ -115,3 +115,21 @@ def test_opcheck_interpreter():
         (q, k, v, None, 2, 0.2),
         test_utils=("test_schema", "test_autograd_registration", "test_faketensor"),
     )
+
+
+@pytest.mark.parametrize("mode", ["split", "poly"])
+def test_triton_interpreter_polynomial_exp2(mode, monkeypatch):
+    # The polynomial exp2 (relative error 7.7e-5) replaces the special-function unit on the
+    # unmasked tiles; the result must stay within the same fp16 tolerance. Seq 160 with 32×16
+    # tiles gives many unmasked tiles, causal adds the masked diagonal path next to them.
+    monkeypatch.setenv("ADAATTN_FLASH_EXP2", mode)
+    _check(1, 2, 1, 160, 160, 64, seed=11)
+    _check(1, 2, 2, 96, 160, 32, causal=True, seed=12)
+
+
+def test_exp2_mode_rejects_unknown_names(monkeypatch):
+    from adaattn_kernels.flash.op import _exp2_mode
+
+    monkeypatch.setenv("ADAATTN_FLASH_EXP2", "fast")
+    with pytest.raises(ValueError, match="ADAATTN_FLASH_EXP2='fast'"):
+        _exp2_mode()

@@ -75,6 +75,21 @@ def _use_tma(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, head_dim: int) -
     return all(t.is_contiguous() and t.data_ptr() % 16 == 0 for t in (k, v))
 
 
+_EXP2_MODES = {"mufu": 0, "split": 1, "poly": 2}
+
+
+def _exp2_mode() -> int:
+    """How the forward computes ``exp2`` of unmasked tiles: ``ADAATTN_FLASH_EXP2``.
+
+    ``mufu`` (default): the special-function unit. ``split``: half the columns by a polynomial
+    on the FMA pipes (FlashAttention-4's trick). ``poly``: all of them by the polynomial.
+    """
+    name = os.environ.get("ADAATTN_FLASH_EXP2", "mufu")
+    if name not in _EXP2_MODES:
+        raise ValueError(f"ADAATTN_FLASH_EXP2={name!r}: expected one of {sorted(_EXP2_MODES)}")
+    return _EXP2_MODES[name]
+
+
 def forward_launch(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -123,6 +138,7 @@ def forward_launch(
         "CAUSAL": causal_mode != CAUSAL_NONE,
         "MASK_KIND": kind,
         "USE_TMA": tma,
+        "EXP2_MODE": _exp2_mode(),
     }
     return args, kwargs, out, lse
 
