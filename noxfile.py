@@ -153,12 +153,7 @@ def tests_adaattn(session: nox.Session) -> None:
     _tests_one(session, "adaattn")
 
 
-@nox.session(name="tests-gpu", default=False)
-def tests_gpu(session: nox.Session) -> None:
-    """GPU-marked tests plus the rest, on a CUDA machine.
-
-    Offline GPU machine with torch and triton preinstalled: ``nox --no-venv -s tests-gpu``.
-    """
+def _gpu_session(session: nox.Session, marker: str, extra_tests: tuple[str, ...]) -> None:
     src = os.pathsep.join(_pkg(p) + "/src" for p in PACKAGES)
     env = {"PYTHONPATH": src + os.pathsep + os.environ.get("PYTHONPATH", "")}
     if not _is_passthrough(session):
@@ -173,18 +168,32 @@ def tests_gpu(session: nox.Session) -> None:
         "sys.exit(0 if ok else 'tests-gpu needs a CUDA device')",
         env=env,
     )
+    tests = [f"packages/{p}/tests" for p in PACKAGES]
     session.run(
-        python,
-        "-m",
-        "pytest",
-        "-m",
-        # CPU-bound slow grids and the model tests run in tests-cpu; this session is for the card.
-        "not model and not slow",
-        *[f"packages/{p}/tests" for p in PACKAGES],
-        *session.posargs,
-        env=env,
-        external=True,
+        python, "-m", "pytest", "-m", marker, *tests, *session.posargs, env=env, external=True
     )
+    if extra_tests:
+        # Documentation examples run their CUDA blocks when a card is present.
+        session.run(python, "-m", "pytest", *extra_tests, *session.posargs, env=env, external=True)
+
+
+@nox.session(name="tests-gpu", default=False)
+def tests_gpu(session: nox.Session) -> None:
+    """The ``@pytest.mark.gpu`` tests and the docs' CUDA examples, on a CUDA machine.
+
+    Offline GPU machine with torch and triton preinstalled: ``nox --no-venv -s tests-gpu``.
+    Everything else runs in ``tests-cpu``; ``tests-gpu-full`` runs the whole suite on the card.
+    """
+    _gpu_session(
+        session, "gpu and not model and not slow", ("packages/adaattn/tests/test_docs_snippets.py",)
+    )
+
+
+@nox.session(name="tests-gpu-full", default=False)
+def tests_gpu_full(session: nox.Session) -> None:
+    """Every test except the CPU-bound model and slow ones, on a CUDA machine (≈15 min)."""
+    # CPU-bound slow grids and the model tests run in tests-cpu; this session is for the card.
+    _gpu_session(session, "not model and not slow", ())
 
 
 @nox.session(name="tests-min")
