@@ -1,0 +1,716 @@
+r"""Context-parallel ring attention over :mod:`torch.distributed`.
+
+Every rank of a process group holds one shard of a long sequence — its own queries, keys and
+values, ``(B, H, S_local, D)`` — and computes the exact attention output of its queries over the
+*whole* sequence without ever holding the whole sequence. The key/value shards travel around the
+ring of ranks (Liu, Zaharia & Abbeel 2023, "Ring Attention with Blockwise Transformers for
+Near-Infinite Context", arXiv 2310.01889): at step ``t`` rank ``r`` holds the shard of rank
+``r − t``, posts the point-to-point transfer of that shard to rank ``r + 1`` *before* computing
+on it, so communication overlaps compute, and folds the block's partial result into its running
+output through the log-sum-exp the kernels return. For two disjoint key sets ``A`` and ``B``
+
+.. math::
+
+    \ell = \log\!\left(e^{\ell_A} + e^{\ell_B}\right), \qquad
+    O = e^{\ell_A - \ell}\, O_A + e^{\ell_B - \ell}\, O_B,
+
+which is exact (the online softmax of Milakov & Gimelshein 2018, arXiv 1805.02867, applied to
+whole blocks). The backward pass rotates the key/value shards again and sends the ``dK``/``dV``
+accumulators around the ring with them; every block's gradient is computed from the *global*
+log-sum-exp, so the blocks' probabilities are the global softmax's.
+
+Causal load balance. With the ``"contiguous"`` layout rank ``r`` holds the ``r``-th of ``W``
+equal chunks, and causal attention gives the last rank ``W`` times the work of the first. The
+default ``"zigzag"`` layout splits the sequence into ``2W`` chunks and gives rank ``r`` chunks
+``r`` and ``2W − 1 − r`` (the context-parallel split of Llama 3, Dubey et al. 2024, arXiv
+2407.21783, §3.3.2): every rank then does the same work — one causal block of its own shard,
+and half a block (its later chunk against the other shard's earlier chunk, or the reverse) at
+every other step. Blocks entirely above the diagonal are skipped, never computed and masked.
+
+Each block runs :func:`adaattn_kernels.attention` (the fused Triton kernel on CUDA, the PyTorch
+reference elsewhere), and the backward runs the kernels' ``adaattn::flash_attention_backward``
+op (or the reference maths where the forward ran the reference).
+
+Example:
+    Under ``torchrun --nproc-per-node 2 script.py`` (gloo on CPU, NCCL on CUDA)::
+
+        import torch, torch.distributed as dist
+        from adaattn.distributed import ring_attention, shard_sequence, unshard_sequence
+
+        dist.init_process_group("gloo")
+        rank, world = dist.get_rank(), dist.get_world_size()
+        torch.manual_seed(0)  # the same full tensors on every rank, for the example
+        q, k, v = torch.randn(3, 1, 8, 4096, 64).unbind(0)
+        q_l, k_l, v_l = (shard_sequence(t, rank, world) for t in (q, k, v))
+        out_l = ring_attention(q_l, k_l, v_l, causal=True)
+        out = unshard_sequence(out_l)  # the full (1, 8, 4096, 64) output on every rank
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Literal
+
+import torch
+import torch.distributed as dist
+
+if TYPE_CHECKING:
+    from adaattn_kernels import HybridPlan
+
+__all__ = ["LAYOUTS", "Layout", "ring_attention", "shard_sequence", "unshard_sequence"]
+
+#: How a sequence is split over the ranks of a group (see :func:`shard_sequence`).
+Layout = Literal["zigzag", "contiguous"]
+#: The accepted values of ``layout``.
+LAYOUTS: tuple[str, ...] = ("zigzag", "contiguous")
+
+_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+_TAG_KV, _TAG_DKV = 0, 1  # gloo matches messages by tag; NCCL orders them (same order on all ranks)
+# Scores held at a time by the reference backward: chunk · Sk elements (as the kernels' reference).
+_MAX_CHUNK_ELEMENTS = 1 << 24
+
+
+# ---------------------------------------------------------------------------------------------
+# Sharding helpers
+# ---------------------------------------------------------------------------------------------
+
+
+def _check_layout(layout: str) -> None:
+    if layout not in LAYOUTS:
+        raise ValueError(f"`layout` must be one of {LAYOUTS}, got {layout!r}")
+
+
+def _check_dim(x: torch.Tensor, dim: int) -> int:
+    if isinstance(dim, bool) or not isinstance(dim, int):
+        raise TypeError(f"`dim` must be an int, got {type(dim).__name__}")
+    if not -x.dim() <= dim < x.dim():
+        raise ValueError(
+            f"`dim` {dim} is out of range for a {x.dim()}-D tensor of shape {tuple(x.shape)}"
+        )
+    return dim % x.dim()
+
+
+def shard_sequence(
+    x: torch.Tensor,
+    rank: int,
+    world: int,
+    *,
+    layout: Layout = "zigzag",
+    dim: int = 2,
+) -> torch.Tensor:
+    """The shard of a full sequence that rank ``rank`` of ``world`` ranks holds.
+
+    ``"contiguous"``: the sequence is cut into ``world`` equal chunks and rank ``r`` holds chunk
+    ``r`` (a view of ``x``). ``"zigzag"``: it is cut into ``2·world`` equal chunks and rank ``r``
+    holds chunks ``r`` and ``2·world − 1 − r``, concatenated in that order (a new tensor), which
+    balances causal attention over the ranks. Differentiable; no communication.
+
+    Args:
+        x: The full tensor, e.g. ``(B, H, S, D)`` queries, keys or values.
+        rank: This process's rank in the group, ``0 ≤ rank < world``.
+        world: Number of ranks the sequence is split over (``torch.distributed``'s world size
+            of the group).
+        layout: ``"zigzag"`` (default) or ``"contiguous"``.
+        dim: The sequence dimension of ``x`` (default 2, as in ``(B, H, S, D)``).
+
+    Returns:
+        The local shard, ``x.shape[dim] // world`` long along ``dim``.
+
+    Raises:
+        TypeError: ``x`` is not a tensor, or ``rank`` / ``world`` / ``dim`` are not ints.
+        ValueError: ``rank`` or ``dim`` out of range, an unknown ``layout``, or a sequence length
+            that is not a multiple of ``world`` (``2·world`` for ``"zigzag"``).
+
+    Example:
+        >>> import torch
+        >>> from adaattn.distributed import shard_sequence
+        >>> x = torch.arange(8).view(1, 1, 8, 1)
+        >>> shard_sequence(x, 0, 2).flatten().tolist()
+        [0, 1, 6, 7]
+        >>> shard_sequence(x, 1, 2, layout="contiguous").flatten().tolist()
+        [4, 5, 6, 7]
+    """
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"`x` must be a torch.Tensor, got {type(x).__name__}")
+    for name, value in (("rank", rank), ("world", world)):
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise TypeError(f"`{name}` must be an int, got {type(value).__name__}")
+    if world < 1:
+        raise ValueError(f"`world` must be ≥ 1, got {world}")
+    if not 0 <= rank < world:
+        raise ValueError(f"`rank` must be in [0, {world}) for world {world}, got {rank}")
+    _check_layout(layout)
+    dim = _check_dim(x, dim)
+    n = x.shape[dim]
+    parts = world if layout == "contiguous" else 2 * world
+    if n % parts != 0:
+        raise ValueError(
+            f"the sequence length {n} (dim {dim} of `x`) is not a multiple of {parts} "
+            f"({'world' if layout == 'contiguous' else '2·world'} for layout={layout!r}); pad "
+            "the sequence to a multiple of it"
+        )
+    chunk = n // parts
+    if layout == "contiguous":
+        return x.narrow(dim, rank * chunk, chunk)
+    return torch.cat(
+        (x.narrow(dim, rank * chunk, chunk), x.narrow(dim, (parts - 1 - rank) * chunk, chunk)),
+        dim=dim,
+    )
+
+
+def _merge_shards(shards: list[torch.Tensor], layout: str, dim: int) -> torch.Tensor:
+    """Inverse of :func:`shard_sequence`: the full tensor from every rank's shard, in rank order."""
+    if layout == "contiguous":
+        return torch.cat(shards, dim=dim)
+    half = shards[0].shape[dim] // 2
+    first = [s.narrow(dim, 0, half) for s in shards]
+    second = [s.narrow(dim, half, half) for s in reversed(shards)]
+    return torch.cat(first + second, dim=dim)
+
+
+def unshard_sequence(
+    x: torch.Tensor,
+    *,
+    layout: Layout = "zigzag",
+    dim: int = 2,
+    group: dist.ProcessGroup | None = None,
+) -> torch.Tensor:
+    """Gather every rank's shard and return the full sequence, on every rank of ``group``.
+
+    The inverse of :func:`shard_sequence`; one ``all_gather`` over ``group``, which every rank
+    of the group must call with shards of the same shape. The result carries no autograd history
+    (it is meant for outputs, checks and logging, not for the training graph).
+
+    Args:
+        x: This rank's shard, as :func:`shard_sequence` cut it.
+        layout: The layout the shards were cut with: ``"zigzag"`` (default) or ``"contiguous"``.
+        dim: The sequence dimension (default 2).
+        group: The process group; default the world group.
+
+    Returns:
+        The full tensor, ``world`` times longer than ``x`` along ``dim``.
+
+    Raises:
+        RuntimeError: ``torch.distributed`` is not initialised.
+        TypeError: ``x`` is not a tensor.
+        ValueError: an unknown ``layout``, ``dim`` out of range, or an odd shard length with
+            ``"zigzag"`` (a zig-zag shard is two equal chunks).
+    """
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"`x` must be a torch.Tensor, got {type(x).__name__}")
+    _check_layout(layout)
+    dim = _check_dim(x, dim)
+    _check_initialized("unshard_sequence")
+    if layout == "zigzag" and x.shape[dim] % 2 != 0:
+        raise ValueError(
+            f"a zig-zag shard holds two equal chunks, but `x` has odd length {x.shape[dim]} "
+            f"along dim {dim}; pass the layout the shards were cut with"
+        )
+    world = dist.get_world_size(group)
+    local = x.detach().contiguous()
+    shards = [torch.empty_like(local) for _ in range(world)]
+    dist.all_gather(shards, local, group=group)
+    return _merge_shards(shards, layout, dim)
+
+
+# ---------------------------------------------------------------------------------------------
+# The ring
+# ---------------------------------------------------------------------------------------------
+
+
+def _check_initialized(caller: str) -> None:
+    if not (dist.is_available() and dist.is_initialized()):
+        raise RuntimeError(
+            f"{caller} needs an initialised torch.distributed process group: call "
+            "torch.distributed.init_process_group(...) first (under torchrun, "
+            "init_process_group('nccl') on CUDA or ('gloo') on CPU reads the environment)"
+        )
+
+
+@dataclass
+class _Pending:
+    """In-flight point-to-point work; holds the send buffer until the transfer completes."""
+
+    works: list[Any]
+    send: torch.Tensor
+
+    def wait(self) -> None:
+        for work in self.works:
+            work.wait()
+
+
+class _Ring:
+    """This rank's place in the ring of ``group``: send to the next rank, receive from the last."""
+
+    def __init__(self, group: dist.ProcessGroup | None) -> None:
+        pg = group if group is not None else dist.group.WORLD
+        assert pg is not None
+        self.group = group
+        self.pg = pg
+        self.rank = dist.get_rank(pg)
+        if self.rank < 0:
+            raise ValueError(
+                "this process is not a member of `group`; call ring_attention only on the ranks "
+                "of the group (torch.distributed.new_group(ranks))"
+            )
+        self.world = dist.get_world_size(pg)
+        self.next = dist.get_global_rank(pg, (self.rank + 1) % self.world)
+        self.prev = dist.get_global_rank(pg, (self.rank - 1) % self.world)
+
+    def exchange(self, send: torch.Tensor, tag: int) -> tuple[torch.Tensor, _Pending]:
+        """Post ``send`` to the next rank and a receive of the same shape from the previous one."""
+        recv = torch.empty_like(send)
+        ops = [
+            dist.P2POp(dist.isend, send, self.next, self.group, tag),
+            dist.P2POp(dist.irecv, recv, self.prev, self.group, tag),
+        ]
+        works = dist.batch_isend_irecv(ops)
+        return recv, _Pending(list(works), send)
+
+
+@dataclass(frozen=True)
+class _Block:
+    """The part of one (local queries × visiting key/value shard) block that is computed."""
+
+    rows: slice  # local query positions
+    cols: slice  # positions of the key/value shard
+    causal: bool  # a diagonal block: top-left causal mask (it is square)
+
+
+_ALL = slice(None)
+
+
+def _block(layout: str, causal: bool, rank: int, src: int, length: int) -> _Block | None:
+    """What rank ``rank``'s queries compute against the shard of rank ``src`` (None: nothing).
+
+    Zig-zag: rank ``r`` holds chunks ``(r, 2W−1−r)``, so against the shard ``(s, 2W−1−s)`` of
+    ``s ≠ r`` exactly half the block is below the diagonal: for ``s < r`` all local queries see
+    chunk ``s`` (the shard's first half) and nothing of chunk ``2W−1−s``; for ``s > r`` only the
+    later chunk ``2W−1−r`` (the local second half) sees, and sees both chunks of the shard.
+    Against its own shard the two chunks are in global order, so plain causal masking is exact.
+    """
+    if not causal:
+        return _Block(_ALL, _ALL, False)
+    if src == rank:
+        return _Block(_ALL, _ALL, True)
+    if layout == "contiguous":
+        return _Block(_ALL, _ALL, False) if src < rank else None
+    half = length // 2
+    if src < rank:
+        return _Block(_ALL, slice(0, half), False)
+    return _Block(slice(half, None), _ALL, False)
+
+
+def _seq(t: torch.Tensor, s: slice) -> torch.Tensor:
+    """``t[:, :, s]`` (the sequence dimension of ``(B, H, S, ...)``)."""
+    return t if s == _ALL else t[:, :, s]
+
+
+# ---------------------------------------------------------------------------------------------
+# Per-block kernels (the calls into adaattn_kernels)
+# ---------------------------------------------------------------------------------------------
+
+
+def _runs_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
+    """Whether the blocks run the Triton kernels: the rule of ``attention(backend="auto")``."""
+    if q.device.type != "cuda":
+        return False
+    from adaattn_kernels._validation import check_attention_inputs
+    from adaattn_kernels.flash.api import triton_unsupported_reason
+
+    return triton_unsupported_reason(q, check_attention_inputs(q, k, v), None) is None
+
+
+def _block_forward(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, scale: float, triton: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    from adaattn_kernels import attention
+
+    res = attention(
+        q,
+        k,
+        v,
+        causal=causal,
+        scale=scale,
+        return_lse=True,
+        backend="triton" if triton else "reference",
+    )
+    assert isinstance(res, tuple)
+    return res
+
+
+def _block_backward(
+    do: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    dlse: torch.Tensor | None,
+    causal: bool,
+    scale: float,
+    triton: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(dq, dk, dv)`` of one block from the global ``out`` and ``lse`` (in ``lse.dtype``)."""
+    if triton:
+        from adaattn_kernels._validation import CAUSAL_NONE, CAUSAL_TOP_LEFT
+        from adaattn_kernels.flash.op import flash_attention_backward_op
+
+        mode = CAUSAL_TOP_LEFT if causal else CAUSAL_NONE
+        grads = flash_attention_backward_op(do, q, k, v, None, out, lse, dlse, mode, scale)
+        return grads[0].to(lse.dtype), grads[1].to(lse.dtype), grads[2].to(lse.dtype)
+    return _reference_block_backward(do, q, k, v, out, lse, dlse, causal, scale)
+
+
+def _reference_block_backward(
+    do: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    dlse: torch.Tensor | None,
+    causal: bool,
+    scale: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """FlashAttention-2's backward maths (Dao 2023, arXiv 2307.08691, Algorithm 2) on one block.
+
+    With the global ``lse``, ``P = exp(s·QKᵀ − lse)`` is this block's slice of the global
+    softmax, and ``Δ = rowsum(dO ∘ O) − dlse`` uses the global output, so ``dS = P ∘ (dP − Δ)``
+    and the gradients of the blocks add up to the full gradient. Chunked over queries.
+    """
+    b, hq, sq, d = q.shape
+    hkv, sk = k.shape[1], k.shape[2]
+    g = hq // hkv
+    acc = lse.dtype
+    qg = q.reshape(b, hkv, g, sq, d).to(acc)
+    dog = do.reshape(b, hkv, g, sq, d).to(acc)
+    kg = k.to(acc).unsqueeze(2)  # (B, Hkv, 1, Sk, D)
+    vg = v.to(acc).unsqueeze(2)
+    lseg = lse.reshape(b, hkv, g, sq)
+    lseg = torch.where(torch.isneginf(lseg), torch.full_like(lseg, math.inf), lseg)  # P = 0
+    delta = (dog * out.reshape(b, hkv, g, sq, d).to(acc)).sum(-1)
+    if dlse is not None:
+        delta = delta - dlse.reshape(b, hkv, g, sq).to(acc)
+    dq = torch.empty_like(qg)
+    dk = torch.zeros((b, hkv, sk, d), dtype=acc, device=q.device)
+    dv = torch.zeros_like(dk)
+    chunk = max(1, min(sq, _MAX_CHUNK_ELEMENTS // max(1, b * hq * sk)))
+    key_idx = torch.arange(sk, device=q.device)
+    for i0 in range(0, sq, chunk):
+        i1 = min(sq, i0 + chunk)
+        scores = torch.matmul(qg[..., i0:i1, :], kg.transpose(-1, -2)) * scale
+        if causal:
+            q_idx = torch.arange(i0, i1, device=q.device)
+            scores = scores.masked_fill(key_idx[None, :] > q_idx[:, None], float("-inf"))
+        p = torch.exp(scores - lseg[..., i0:i1, None])
+        do_c = dog[..., i0:i1, :]
+        dv += torch.matmul(p.transpose(-1, -2), do_c).sum(2)
+        ds = p * (torch.matmul(do_c, vg.transpose(-1, -2)) - delta[..., i0:i1, None])
+        dq[..., i0:i1, :] = torch.matmul(ds, kg) * scale
+        dk += torch.matmul(ds.transpose(-1, -2), qg[..., i0:i1, :]).sum(2) * scale
+    return dq.reshape(b, hq, sq, d), dk, dv
+
+
+def _merge(
+    out: torch.Tensor, lse: torch.Tensor, o_b: torch.Tensor, l_b: torch.Tensor, rows: slice
+) -> None:
+    """Fold a block's ``(o_b, l_b)`` into the running ``(out, lse)`` rows, in place."""
+    o_old, l_old = _seq(out, rows), _seq(lse, rows)
+    l_b = l_b.to(lse.dtype)
+    l_new = torch.logaddexp(l_old, l_b)
+    ref = torch.where(torch.isneginf(l_new), torch.zeros_like(l_new), l_new)  # rows seeing nothing
+    merged = o_old * torch.exp(l_old - ref).unsqueeze(-1)
+    merged += o_b.to(out.dtype) * torch.exp(l_b - ref).unsqueeze(-1)
+    o_old.copy_(merged)
+    l_old.copy_(l_new)
+
+
+def _ring_forward(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    causal: bool,
+    scale: float,
+    layout: str,
+    ring: _Ring,
+    triton: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+    length = q.shape[2]
+    out: torch.Tensor | None = None
+    lse: torch.Tensor | None = None
+    kv = torch.stack((k, v)) if ring.world > 1 else None
+    cur_k, cur_v = k, v
+    for step in range(ring.world):
+        src = (ring.rank - step) % ring.world
+        pending = None
+        if kv is not None and step + 1 < ring.world:
+            kv_next, pending = ring.exchange(kv, _TAG_KV)  # overlaps the block below
+        blk = _block(layout, causal, ring.rank, src, length)
+        if blk is not None:
+            o_b, l_b = _block_forward(
+                _seq(q, blk.rows),
+                _seq(cur_k, blk.cols),
+                _seq(cur_v, blk.cols),
+                blk.causal,
+                scale,
+                triton,
+            )
+            if out is None or lse is None:  # step 0, the own shard: every row
+                out, lse = o_b.to(acc), l_b.to(acc)
+            else:
+                _merge(out, lse, o_b, l_b, blk.rows)
+        if pending is not None:
+            pending.wait()
+            kv = kv_next
+            cur_k, cur_v = kv[0], kv[1]
+    assert out is not None
+    assert lse is not None
+    return out.to(q.dtype), lse
+
+
+def _ring_backward(
+    do: torch.Tensor,
+    dlse: torch.Tensor | None,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    *,
+    causal: bool,
+    scale: float,
+    layout: str,
+    ring: _Ring,
+    triton: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Rotate K/V again; the dK/dV accumulator of each shard travels with it and comes home.
+
+    The accumulator of rank ``j``'s shard starts at rank ``j``, gains each rank's contribution as
+    it visits, and after ``W`` hops is back at ``j``. Its transfer is posted as soon as the block
+    is done and waited for only before the next addition, so it overlaps the next block too.
+    """
+    acc = lse.dtype
+    length = q.shape[2]
+    dq = torch.zeros(q.shape, dtype=acc, device=q.device)
+    kv = torch.stack((k, v)) if ring.world > 1 else None
+    cur_k, cur_v = k, v
+    dkv: torch.Tensor | None = None  # the accumulator of the shard held now, once received
+    dkv_pending: _Pending | None = None
+    for step in range(ring.world):
+        src = (ring.rank - step) % ring.world
+        kv_pending = None
+        if kv is not None and step + 1 < ring.world:
+            kv_next, kv_pending = ring.exchange(kv, _TAG_KV)
+        blk = _block(layout, causal, ring.rank, src, length)
+        grads = None
+        if blk is not None:
+            rows = blk.rows
+            grads = _block_backward(
+                _seq(do, rows),
+                _seq(q, rows),
+                _seq(cur_k, blk.cols),
+                _seq(cur_v, blk.cols),
+                _seq(out, rows),
+                _seq(lse, rows),
+                None if dlse is None else _seq(dlse, rows),
+                blk.causal,
+                scale,
+                triton,
+            )
+            _seq(dq, rows).add_(grads[0])
+        if dkv_pending is None:  # step 0: this rank starts its own shard's accumulator
+            dkv = torch.zeros((2, *k.shape), dtype=acc, device=k.device)
+        else:
+            dkv_pending.wait()
+        assert dkv is not None
+        if blk is not None and grads is not None:
+            _seq(dkv[0], blk.cols).add_(grads[1])
+            _seq(dkv[1], blk.cols).add_(grads[2])
+        if ring.world > 1:
+            dkv, dkv_pending = ring.exchange(dkv, _TAG_DKV)
+        if kv_pending is not None:
+            kv_pending.wait()
+            kv = kv_next
+            cur_k, cur_v = kv[0], kv[1]
+    if dkv_pending is not None:
+        dkv_pending.wait()  # this rank's own accumulator, home after W hops
+    assert dkv is not None
+    return dq.to(q.dtype), dkv[0].to(k.dtype), dkv[1].to(v.dtype)
+
+
+class _RingAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(
+        ctx: Any,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        causal: bool,
+        scale: float,
+        layout: str,
+        ring: _Ring,
+        triton: bool,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        out, lse = _ring_forward(
+            q, k, v, causal=causal, scale=scale, layout=layout, ring=ring, triton=triton
+        )
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.options = {
+            "causal": causal,
+            "scale": scale,
+            "layout": layout,
+            "ring": ring,
+            "triton": triton,
+        }
+        ctx.set_materialize_grads(False)
+        return out, lse
+
+    @staticmethod
+    def backward(
+        ctx: Any, dout: torch.Tensor | None, dlse: torch.Tensor | None
+    ) -> tuple[torch.Tensor | None, ...]:
+        q, k, v, out, lse = ctx.saved_tensors
+        if dout is None:
+            dout = torch.zeros_like(out)
+        dq, dk, dv = _ring_backward(dout, dlse, q, k, v, out, lse, **ctx.options)
+        return dq, dk, dv, None, None, None, None, None
+
+
+# ---------------------------------------------------------------------------------------------
+# Public entry point
+# ---------------------------------------------------------------------------------------------
+
+_SIGNATURE = ("batch", "heads of q", "heads of k/v", "local length", "head_dim")
+_CHECKED: set[tuple[Any, ...]] = set()
+
+
+def _check_same_on_all_ranks(
+    ring: _Ring, q: torch.Tensor, k: torch.Tensor, causal: bool, scale: float, layout: str
+) -> None:
+    """One small all-gather per distinct call signature: the ranks must agree, or nobody runs.
+
+    Mismatched shards would otherwise hang the ring (NCCL) or fail on one rank only. The check
+    raises on every rank at once; a signature that passed is not gathered again.
+    """
+    values = (*q.shape[:2], k.shape[1], q.shape[2], q.shape[3])
+    signature = (*values, _FLOAT_DTYPES.index(q.dtype), int(causal), LAYOUTS.index(layout), scale)
+    key = (id(ring.pg), signature)
+    if key in _CHECKED:
+        return
+    device = torch.device("cpu") if dist.get_backend(ring.pg) == "gloo" else q.device
+    mine = torch.tensor(signature, dtype=torch.float64, device=device)
+    gathered = [torch.empty_like(mine) for _ in range(ring.world)]
+    dist.all_gather(gathered, mine, group=ring.group)
+    rows = [tuple(t.tolist()) for t in gathered]
+    names = (*_SIGNATURE, "dtype", "causal", "layout", "scale")
+    for i, name in enumerate(names):
+        seen = [row[i] for row in rows]
+        if len(set(seen)) > 1:
+            if name == "dtype":
+                seen = [str(_FLOAT_DTYPES[int(x)]).replace("torch.", "") for x in seen]
+            elif name == "layout":
+                seen = [LAYOUTS[int(x)] for x in seen]
+            elif name == "causal":
+                seen = [bool(x) for x in seen]
+            elif name != "scale":
+                seen = [int(x) for x in seen]
+            raise ValueError(
+                f"ring_attention got different {name} on the ranks of the group (rank: value "
+                f"{dict(enumerate(seen))}); every rank must pass its shard of one sequence — "
+                "same batch, heads, head_dim and local length (shard with shard_sequence) — and "
+                "the same dtype, causal, layout and scale"
+            )
+    _CHECKED.add(key)
+
+
+def ring_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    causal: bool = False,
+    scale: float | None = None,
+    group: dist.ProcessGroup | None = None,
+    layout: Layout = "zigzag",
+    return_lse: bool = False,
+    plan: HybridPlan | None = None,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """Exact attention over a sequence sharded across the ranks of ``group`` (ring attention).
+
+    Every rank calls it with its own shards (cut by :func:`shard_sequence` with the same
+    ``layout``) and gets the attention output of its own queries over the whole sequence:
+    ``softmax(scale · Q Kᵀ) V`` restricted to its rows, equal to the corresponding shard of
+    single-device attention up to floating-point rounding. Key/value shards rotate around the
+    ring with point-to-point transfers overlapped with compute (see the module docs); the
+    memory per rank is that of the local shards plus one visiting key/value shard.
+    Differentiable in ``q``, ``k``, ``v`` (and ``lse`` when returned): the backward pass runs a
+    second ring that carries the ``dK``/``dV`` accumulators home.
+
+    Args:
+        q: Local queries ``(B, Hq, S_local, D)``; float16/bfloat16 run the Triton kernels on
+            CUDA, any float runs the reference elsewhere.
+        k: Local keys ``(B, Hkv, S_local, D)``; ``Hq % Hkv == 0`` (grouped-query attention).
+        v: Local values ``(B, Hkv, S_local, D)``.
+        causal: Causal attention over the *global* positions (query ``i`` sees keys ``j ≤ i``);
+            blocks above the diagonal are skipped.
+        scale: Multiplier of ``Q Kᵀ``; default ``1/sqrt(D)``.
+        group: The process group the sequence is split over; default the world group. Every
+            rank of the group must call with the same shapes, dtype and options.
+        layout: How the sequence was sharded: ``"zigzag"`` (default; balances causal work) or
+            ``"contiguous"``. Only the positions matter, so without ``causal`` both give the
+            same result.
+        return_lse: Also return the local log-sum-exp ``(B, Hq, S_local)`` of each query's
+            scaled scores over the whole sequence (float32; float64 for float64 inputs).
+        plan: A :class:`~adaattn_kernels.HybridPlan` for hybrid (sinks + window + pooled far
+            field) attention: not yet supported; must be ``None``.
+
+    Returns:
+        The local output ``(B, Hq, S_local, D)`` in ``q.dtype``, or ``(output, lse)``.
+
+    Raises:
+        RuntimeError: ``torch.distributed`` is not initialised.
+        NotImplementedError: ``plan`` is given (hybrid ring attention is not implemented).
+        ValueError: bad shapes (the kernels' checks), ``q`` and ``k`` of different local
+            lengths, an odd local length with ``"zigzag"``, an unknown ``layout``, a ``scale``
+            that is not finite and positive, a process that is not in ``group``, or shapes and
+            options that differ across the ranks (checked on the first call of each signature).
+        TypeError: non-tensor inputs, unsupported dtypes, or a non-bool ``causal``.
+    """
+    if plan is not None:
+        raise NotImplementedError(
+            "hybrid ring attention (a HybridPlan's sinks, window and pooled far field over a "
+            "sharded sequence) is not supported yet; pass plan=None for exact ring attention, "
+            "or run adaattn_kernels.hybrid_attention on the full sequence"
+        )
+    if not isinstance(causal, bool):
+        raise TypeError(f"`causal` must be a bool, got {type(causal).__name__}")
+    _check_layout(layout)
+    _check_initialized("ring_attention")
+    from adaattn_kernels._validation import check_attention_inputs, resolve_scale
+
+    shape = check_attention_inputs(q, k, v)
+    if shape.seq_q != shape.seq_k:
+        raise ValueError(
+            f"ring_attention shards one sequence: `q` has local length {shape.seq_q} but `k`/`v` "
+            f"have {shape.seq_k}; shard q, k and v of the same sequence with shard_sequence"
+        )
+    if layout == "zigzag" and shape.seq_q % 2 != 0:
+        raise ValueError(
+            f"a zig-zag shard holds two equal chunks, but the local length is {shape.seq_q} "
+            "(odd); shard with shard_sequence(..., layout='zigzag') (the global length must be a "
+            "multiple of 2·world), or use layout='contiguous'"
+        )
+    s = resolve_scale(scale, shape.head_dim)
+    ring = _Ring(group)
+    if dist.get_backend(ring.pg) == "nccl" and not q.is_cuda:
+        raise ValueError(
+            f"the group's backend is NCCL but `q` is on {q.device}; move the shards to this "
+            "rank's CUDA device, or use a gloo group for CPU tensors"
+        )
+    _check_same_on_all_ranks(ring, q, k, causal, s, layout)
+    out, lse = _RingAttention.apply(q, k, v, causal, s, layout, ring, _runs_triton(q, k, v))
+    return (out, lse) if return_lse else out
