@@ -3,7 +3,8 @@
 Usage: ``python tools/docs_benchmarks.py``. Writes ``docs/benchmarks/index.md`` (git-ignored) with
 one section per ``results/*.json`` file: the environment it was measured in, the command that
 reproduces it, a table of its rows, and its plot (``results/<name>.png`` copied next to the
-page) where one exists. Nothing on the page is typed by hand.
+page) where one exists, plus ``headline.md`` (the home page's numbers) and
+``fp8_error_table.md`` (the FP8 guide's tables). Nothing on the pages is typed by hand.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import json
 import shutil
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "results"
@@ -123,6 +125,78 @@ def headline(results: dict[str, dict]) -> str:
     return "\n".join(lines) + f"\n\n{note}\n"
 
 
+def fp8_error_markdown(rows: list[dict[str, Any]], seq: int = 1024) -> str:
+    """The FP8 guide's tables (``results/fp8_error_sim.json``): error per mode, and ablations.
+
+    First table: relative error (cosine) of every 8-bit mode at ``seq``. Second: where the error
+    of the outlier family comes from (int8 ``Q·Kᵀ`` with 16-bit ``P·V``), per head dim and
+    granularity, with the attention's sharpness.
+    """
+    lines = [
+        "| head_dim | inputs | Q·Kᵀ | scales | P·V 16-bit | P·V e4m3 |",
+        "|---|---|---|---|---|---|",
+    ]
+    main = [r for r in rows if r["seq"] == seq and "ablation" not in r]
+    keys = sorted(
+        {(r["head_dim"], r["inputs"], r["qk_dtype"], r["granularity"]) for r in main},
+        key=lambda t: (t[0], t[1], t[2], ("block", "q_token", "token").index(t[3])),
+    )
+    for d, kind, qk, gran in keys:
+        cells = []
+        for pv in ("fp16", "fp8"):
+            hit = [
+                r for r in main
+                if (r["head_dim"], r["inputs"], r["qk_dtype"], r["granularity"], r["pv_dtype"])
+                == (d, kind, qk, gran, pv)
+            ]  # fmt: skip
+            text = f"{hit[0]['relerr']:.4f} ({hit[0]['cos']:.5f})" if hit else "—"
+            cells.append(f"**{text}**" if hit and hit[0].get("meets_target") else text)
+        lines.append(f"| {d} | {kind} | {qk} | {gran} | {cells[0]} | {cells[1]} |")
+    abl = [r for r in rows if r["seq"] == seq and "ablation" in r and "relerr" in r]
+    if abl:
+        lines += [
+            "",
+            "| head_dim | scales | only Q int8 | only K int8 | both (kernel) | channel migration "
+            "| 16 outlier channels in 16-bit |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        for d in sorted({r["head_dim"] for r in abl}):
+            for gran in ("block", "token"):
+
+                def cell(pred: Any, d: int = d, gran: str = gran) -> str:
+                    hit = [r for r in rows if r["seq"] == seq and r["head_dim"] == d and pred(r)]
+                    hit = [r for r in hit if r.get("granularity") == gran and "relerr" in r]
+                    return f"{hit[0]['relerr']:.4f}" if hit else "—"
+
+                def ab(name: str) -> Any:
+                    return lambda row: str(row.get("ablation", "")).startswith(name)
+
+                kernel = cell(
+                    lambda r: (
+                        "ablation" not in r
+                        and r["inputs"] == "outlier"
+                        and r["qk_dtype"] == "int8"
+                        and r["pv_dtype"] == "fp16"
+                    )
+                )
+                lines.append(
+                    f"| {d} | {gran} | {cell(ab('q_only'))} | {cell(ab('k_only'))} | {kernel} "
+                    f"| {cell(ab('channel_migration'))} | {cell(ab('outlier_channels'))} |"
+                )
+    sharp = [
+        r for r in rows if r["seq"] == seq and r.get("ablation") == "attention sharpness"
+    ]  # fmt: skip
+    if sharp:
+        lines += ["", "| head_dim | inputs | logit std | mean largest probability per row |"]
+        lines.append("|---|---|---|---|")
+        for r in sorted(sharp, key=lambda r: (r["head_dim"], r["inputs"])):
+            lines.append(
+                f"| {r['head_dim']} | {r['inputs']} | {r['logit_std']:.2f} "
+                f"| {r['max_prob_mean']:.3f} |"
+            )
+    return "\n".join(lines) + "\n"
+
+
 def main() -> None:
     PAGE_DIR.mkdir(parents=True, exist_ok=True)
     parts = [INTRO]
@@ -147,6 +221,9 @@ def main() -> None:
         parts.append(table(data.get("rows", [])))
     (PAGE_DIR / "index.md").write_text("".join(parts))
     loaded = {p.stem: json.loads(p.read_text()) for p in files}
+    if "fp8_error_sim" in loaded:
+        fp8_rows = loaded["fp8_error_sim"]["rows"]
+        (PAGE_DIR / "fp8_error_table.md").write_text(fp8_error_markdown(fp8_rows))
     (PAGE_DIR / "headline.md").write_text(headline(loaded))
     print(f"wrote {PAGE_DIR / 'index.md'} from {len(files)} result files")
 

@@ -17,8 +17,11 @@ Granularity ``q_token`` is per-token Q scales with per-block (128) K scales.
   channels scaled 20× (the heavy-tailed family of ``tests/test_fp8_gpu.py`` and
   ``tools/bench/bench_fp8.py``).
 
-The ``ablation`` section simulates one scheme the kernel does *not* implement, to size what it
-would buy on the outlier family: an exact per-channel rebalancing of Q and K before int8
+Ablation rows (marked ``ablation``) size where the error of the outlier family comes from: each
+operand quantised alone (``q_only``, ``k_only``), the attention's sharpness (``logit_std``,
+mean largest probability per row) and two schemes the kernel does *not* implement:
+16 outlier channels kept in 16-bit (``outlier_channels_16bit``), and an exact per-channel
+rebalancing of Q and K before int8
 quantisation (``Q diag(c)⁻¹ · (K diag(c))ᵀ = Q Kᵀ`` with ``c = sqrt(amax_s|Q| / amax_s|K̃|)``,
 SmoothQuant's migration with α = 0.5, Xiao et al. 2023, arXiv 2211.10438, Eq. 4), without the
 kernel's key tiling (a single softmax pass; the tiling changes the error by < 1e-4).
@@ -29,7 +32,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import platform
 import time
 from pathlib import Path
 from typing import Any
@@ -37,6 +39,9 @@ from typing import Any
 import torch
 from adaattn_kernels import attention_reference
 from adaattn_kernels.fp8 import fp8_attention_reference, quantize_int8
+
+from tools.bench.common import environment
+from tools.docs_benchmarks import fp8_error_markdown
 
 OUT = Path(__file__).resolve().parents[1] / "results" / "fp8_error_sim.json"
 MODES = [
@@ -89,6 +94,42 @@ def _migrated_int8(
     return (p.bfloat16().float() @ v.float()).to(q.dtype)
 
 
+def _decomposed_int8(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rows: torch.Tensor, gran: str, what: str
+) -> torch.Tensor:
+    """Ablation: int8 ``Q·Kᵀ`` (smoothed K, P·V in bf16) with only part of it quantised.
+
+    ``what``: ``"q_only"`` / ``"k_only"`` quantise one operand (the other stays exact), sizing
+    each operand's share of the error; ``"outlier_channels_16bit"`` keeps the 16 channels with
+    the largest ``amax|Q|·amax|K̃|`` in 16-bit (a second, 16-wide matmul) and quantises the rest
+    — LLM.int8()'s mixed-precision decomposition (Dettmers et al. 2022, arXiv 2208.07339)
+    applied to ``Q·Kᵀ``.
+    """
+    d = q.shape[-1]
+    qf = q.float()
+    kt = k.float() - k.float().mean(dim=-2, keepdim=True)
+    bs = 128
+    grp = 1 if gran == "token" else bs
+
+    def quant(x: torch.Tensor) -> torch.Tensor:
+        xi, xs = quantize_int8(x, granularity=gran, block_size=bs)
+        return xi.float() * xs.repeat_interleave(grp, -1)[..., : x.shape[-2], None]
+
+    if what == "q_only":
+        s = quant(qf)[:, :, rows] @ kt.transpose(-1, -2)
+    elif what == "k_only":
+        s = qf[:, :, rows] @ quant(kt).transpose(-1, -2)
+    else:
+        weight = qf.abs().amax(-2) * kt.abs().amax(-2)  # (B, H, D)
+        hi = torch.zeros_like(weight, dtype=torch.bool)
+        hi.scatter_(-1, weight.topk(16, dim=-1).indices, True)
+        lo_q, lo_k = qf.masked_fill(hi[:, :, None], 0.0), kt.masked_fill(hi[:, :, None], 0.0)
+        s = quant(lo_q)[:, :, rows] @ quant(lo_k).transpose(-1, -2)
+        s = s + (qf - lo_q)[:, :, rows] @ (kt - lo_k).transpose(-1, -2)
+    p = torch.softmax(s * (1.0 / math.sqrt(d)), dim=-1)
+    return (p.bfloat16().float() @ v.float()).to(q.dtype)
+
+
 def measure(seqs: tuple[int, ...], dims: tuple[int, ...]) -> list[dict[str, Any]]:
     """All modes × families × head dims × seqs; one row per measurement."""
     rows_out: list[dict[str, Any]] = []
@@ -133,31 +174,27 @@ def measure(seqs: tuple[int, ...], dims: tuple[int, ...]) -> list[dict[str, Any]
                             f"rel {m['relerr']:.4f} cos {m['cos']:.5f}",
                             flush=True,
                         )
+                        for what in ("q_only", "k_only", "outlier_channels_16bit"):
+                            out = _decomposed_int8(q, k, v, rows, gran, what)
+                            m = _metrics(out, exact)
+                            rows_out.append(
+                                {"head_dim": d, "seq": s, "inputs": kind, "qk_dtype": "int8",
+                                 "pv_dtype": "fp16", "granularity": gran,
+                                 "rows": int(rows.numel()),
+                                 "ablation": f"{what} (not in the kernel)", **m}
+                            )  # fmt: skip
+                            print(
+                                f"d={d:3} s={s:5} {kind:7} ablation {what} int8/fp16 {gran:5}: "
+                                f"rel {m['relerr']:.4f} cos {m['cos']:.5f}",
+                                flush=True,
+                            )
+                logits = (q[:, :, rows].double() @ k.double().transpose(-1, -2)) / math.sqrt(d)
+                rows_out.append(
+                    {"head_dim": d, "seq": s, "inputs": kind, "rows": int(rows.numel()),
+                     "ablation": "attention sharpness", "logit_std": float(logits.std()),
+                     "max_prob_mean": float(torch.softmax(logits, -1).amax(-1).mean())}
+                )  # fmt: skip
     return rows_out
-
-
-def markdown(rows: list[dict[str, Any]], seq: int = 1024) -> str:
-    """The docs table: rel. error (cosine) per mode, for one sequence length."""
-    lines = [
-        "| head_dim | inputs | Q·Kᵀ | scales | P·V 16-bit | P·V e4m3 |",
-        "|---|---|---|---|---|---|",
-    ]
-    main = [r for r in rows if r["seq"] == seq and "ablation" not in r]
-    keys = sorted(
-        {(r["head_dim"], r["inputs"], r["qk_dtype"], r["granularity"]) for r in main},
-        key=lambda t: (t[0], t[1], t[2], ("block", "q_token", "token").index(t[3])),
-    )
-    for d, kind, qk, gran in keys:
-        cells = []
-        for pv in ("fp16", "fp8"):
-            hit = [
-                r for r in main
-                if (r["head_dim"], r["inputs"], r["qk_dtype"], r["granularity"], r["pv_dtype"])
-                == (d, kind, qk, gran, pv)
-            ]  # fmt: skip
-            cells.append(f"{hit[0]['relerr']:.4f} ({hit[0]['cos']:.5f})" if hit else "—")
-        lines.append(f"| {d} | {kind} | {qk} | {gran} | {cells[0]} | {cells[1]} |")
-    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -169,16 +206,15 @@ def main(argv: list[str] | None = None) -> int:
     torch.manual_seed(0)
     seqs, dims = ((1024,), (64,)) if args.quick else ((1024, 4096, 16384), (64, 128))
     rows = measure(seqs, dims)
-    print(markdown(rows))
+    print(fp8_error_markdown(rows))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     meta = {
         "what": "relative Frobenius error / cosine vs float64, CPU simulation "
         "(fp8_attention_reference), batch 1, 4 heads, bf16, non-causal",
         "target": TARGET,
-        "torch": torch.__version__,
-        "python": platform.python_version(),
     }
-    args.out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")
+    payload = {"name": "fp8_error_sim", "environment": environment(), "meta": meta, "rows": rows}
+    args.out.write_text(json.dumps(payload, indent=1) + "\n")
     print(f"wrote {args.out}")
     return 0
 

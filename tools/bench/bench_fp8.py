@@ -5,7 +5,8 @@
 
 Methods: ``fp8`` / ``fp8_pv16`` (e4m3 Q·Kᵀ; P·V e4m3 / 16-bit), ``int8`` / ``int8_pv16`` (int8
 Q·Kᵀ with int32 accumulation, the op's default ``qk_dtype``), ``int8_qtok_pv16`` (int8 with
-per-token Q scales, ``granularity="q_token"``), SDPA cuDNN and flash (bf16), SageAttention 1
+per-token Q scales, ``granularity="q_token"``), ``int8_pv16_hi16`` (int8 with the 16 outlier
+channels in 16-bit, ``outlier_channels=16``), SDPA cuDNN and flash (bf16), SageAttention 1
 (``sage1``, fp16) — all in the same process and run.
 
 Grid (shared/ANCHORS.md): batch × seq = 16k tokens, heads × head_dim = 2048, head_dim 64/128,
@@ -32,7 +33,7 @@ TOKENS = 16384
 WIDTH = 2048
 SEQS = (1024, 4096, 8192, 16384)
 #: Our methods (the keys of ``methods`` in :func:`main` that run adaattn's op).
-OURS = ("fp8", "fp8_pv16", "int8", "int8_pv16", "int8_qtok_pv16")
+OURS = ("fp8", "fp8_pv16", "int8", "int8_pv16", "int8_qtok_pv16", "int8_pv16_hi16")
 
 
 def _sage() -> tuple[Callable[..., torch.Tensor] | None, str]:
@@ -119,6 +120,7 @@ def main(argv: list[str] | None = None) -> int:
         "int8": (_ours(qk_dtype="int8"), False),
         "int8_pv16": (_ours(qk_dtype="int8", pv_dtype="fp16"), False),
         "int8_qtok_pv16": (_ours(qk_dtype="int8", pv_dtype="fp16", granularity="q_token"), False),
+        "int8_pv16_hi16": (_ours(qk_dtype="int8", pv_dtype="fp16", outlier_channels=16), False),
         "cudnn": (_sdpa(SDPBackend.CUDNN_ATTENTION), False),
         "flash": (_sdpa(SDPBackend.FLASH_ATTENTION), False),
     }

@@ -96,6 +96,9 @@ SIM_TOL = 1e-2
         (1, 4, 2, 777, 777, 64, {"causal": "top_left", "granularity": "token"}),
         (1, 2, 2, 513, 2049, 128, {"block_size": 64, "pv_dtype": "fp16"}),
         (1, 4, 2, 1000, 1200, 128, {"granularity": "q_token", "causal": True}),
+        (2, 8, 2, 1000, 1500, 128, {"causal": True, "outlier_channels": 16}),
+        (1, 4, 1, 777, 1024, 64, {"pv_dtype": "fp16", "outlier_channels": 32}),
+        (1, 2, 2, 513, 2049, 128, {"block_size": 64, "outlier_channels": 16}),
     ],
 )
 def test_kernel_matches_simulation(b, hq, hkv, sq, sk, d, opts, qk_dtype):
@@ -125,7 +128,9 @@ def test_kernel_matches_simulation(b, hq, hkv, sq, sk, d, opts, qk_dtype):
 #     other channels lose ~20× resolution: 8.4e-2 … 9.1e-2 (int8, block), 4.7e-2 … 6.0e-2 (int8,
 #     per-token Q "q_token"), 0.14 … 0.19 (e4m3). No 8-bit per-block/per-token scheme reaches
 #     2e-2 here (test_int8_outlier_target below records the gap; an exact per-channel
-#     Q/K rebalancing, simulated only, gets 2.2e-2 … 2.8e-2).
+#     Q/K rebalancing, simulated only, gets 2.2e-2 … 2.8e-2). Keeping the 16 channels with the
+#     largest amax|Q|·amax|K̃| in 16-bit (``outlier_channels=16``) does: 5.5e-3 … 7.5e-3
+#     simulated (test_outlier_channels_meet_target).
 BOUND = {
     ("int8", "normal", "fp16", "block"): 2e-2,  # the acceptance target
     ("int8", "normal", "fp8", "block"): 6e-2,
@@ -139,10 +144,10 @@ BOUND = {
 }
 
 
-def _accuracy(qk_dtype, kind, pv_dtype, granularity, seq, causal):
+def _accuracy(qk_dtype, kind, pv_dtype, granularity, seq, causal, outlier_channels=0):
     q, k, v = _inputs(1, 2, 2, seq, seq, 128, kind=kind, seed=seq)
     opts = {"causal": causal, "pv_dtype": pv_dtype, "qk_dtype": qk_dtype,
-            "granularity": granularity}  # fmt: skip
+            "granularity": granularity, "outlier_channels": outlier_channels}  # fmt: skip
     with torch.no_grad():
         out = fp8_attention(q, k, v, **opts)
     assert bool(torch.isfinite(out).all())
@@ -154,7 +159,8 @@ def _accuracy(qk_dtype, kind, pv_dtype, granularity, seq, causal):
     sim = fp8_attention_reference(q, k, v, rows=rows, **opts)
     err, sim_err, cos = _rel(out[:, :, rows], exact), _rel(sim, exact), _cos(out[:, :, rows], exact)
     sage = _sage_error(q, k, v, causal, rows, exact)
-    print(f"qk={qk_dtype} {kind} pv={pv_dtype} {granularity} seq={seq} causal={causal}: "
+    print(f"qk={qk_dtype} {kind} pv={pv_dtype} {granularity} hi={outlier_channels} seq={seq} "
+          f"causal={causal}: "
           f"rel {err:.4f} (sim {sim_err:.4f}) cos {cos:.5f}; SageAttention {sage}")  # fmt: skip
     return err, sim_err, cos
 
@@ -182,6 +188,20 @@ def test_int8_outlier_target(seq, causal):
     err, _, cos = _accuracy("int8", "outlier", "fp16", "q_token", seq, causal)
     assert err <= 2e-2
     assert cos >= 0.999
+
+
+@pytest.mark.parametrize("pv_dtype", ["fp16", "fp8"])
+@pytest.mark.parametrize(("seq", "causal"), [(1024, False), (4096, True), (16384, False)])
+def test_outlier_channels_meet_target(seq, causal, pv_dtype):
+    """The heavy-tailed family with 16 outlier channels in 16-bit: the 2e-2 / 0.999 target."""
+    _need_fp8()
+    err, sim_err, cos = _accuracy("int8", "outlier", pv_dtype, "block", seq, causal, 16)
+    assert err < 1.1 * sim_err + 2e-3
+    if pv_dtype == "fp16":
+        assert err <= 2e-2
+        assert cos >= 0.999
+    else:  # e4m3 P·V keeps its own ~3.8e-2 rounding floor (see above)
+        assert err < 6e-2
 
 
 def test_long_sequence_keeps_accuracy():

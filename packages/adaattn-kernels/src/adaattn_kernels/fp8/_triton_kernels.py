@@ -298,10 +298,10 @@ def _prune_fwd(configs: list[triton.Config], named_args: dict, **kwargs: object)
 @triton.jit
 def _attn_tiles(
     acc0, acc1, pv0, pv1, l_i, m_i, q8, row_f, desc_k, ks_base, desc_v, kv_row, v_row, b, hkv,
-    offs_m, offs_n, lo, hi, SEQ_K, DIAG, N_KS,
+    offs_m, offs_n, lo, hi, SEQ_K, DIAG, N_KS, q_hi, khi_base, qk_scale, inv_qk_scale,
     K_BLOCK: tl.constexpr, K_SCALAR: tl.constexpr, Q_SCALAR: tl.constexpr,
     BLOCK_N: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr, PV_FP8: tl.constexpr,
-    ROUND_SW: tl.constexpr, HALF: tl.constexpr, QK_INT8: tl.constexpr,
+    ROUND_SW: tl.constexpr, HALF: tl.constexpr, QK_INT8: tl.constexpr, N_HI: tl.constexpr,
 ):
     """Stream key tiles ``[lo, hi)`` through the online softmax (two accumulator halves)."""
     for start_n in tl.range(lo, hi, BLOCK_N):
@@ -315,7 +315,26 @@ def _attn_tiles(
             if CAUSAL:
                 ok = ok & (cols[None, :] <= offs_m[:, None] + DIAG)
             qk = tl.where(ok, qk, float("-inf"))
-        if K_SCALAR:
+        if N_HI > 0:
+            # Outlier channels: the 8-bit product is brought to the units of the 16-bit one
+            # (``Q_hi·K̃_hiᵀ``), which then accumulates into it in place — a separate fp32
+            # score tile would cost 64 more registers per thread and spill.
+            khi = tl.load(khi_base + cols[:, None].to(tl.int64) * N_HI
+                          + tl.arange(0, N_HI)[None, :])
+            if K_SCALAR:
+                g = row_f * tl.load(ks_base + start_n // K_BLOCK) * inv_qk_scale
+            else:
+                g = row_f * inv_qk_scale
+                ks = tl.load(ks_base + cols // K_BLOCK, mask=(cols // K_BLOCK) < N_KS, other=1.0)
+                qk = qk * ks[None, :]
+            if Q_SCALAR:  # noqa: SIM108
+                qk = qk * g
+            else:
+                qk = qk * g[:, None]
+            qk = tl.dot(q_hi, khi.T, qk)
+            f2 = qk_scale
+            m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
+        elif K_SCALAR:
             # One positive factor per row: max and exponent use qk directly, so the scaling
             # and the shift fuse into one FMA per score.
             ks = tl.load(ks_base + start_n // K_BLOCK)
@@ -331,6 +350,8 @@ def _attn_tiles(
                 qk = qk * (ks * row_f)[None, :]
             else:
                 qk = qk * row_f[:, None] * ks[None, :]
+            if N_HI > 0:
+                qk = qk + s_hi
             f2 = 1.0
             m_new = tl.maximum(m_i, tl.max(qk, 1))
         if MASKED:  # noqa: SIM108
@@ -366,19 +387,19 @@ def _attn_tiles(
 @triton.autotune(
     configs=_fwd_configs(),
     key=["SEQ_BUCKET_Q", "SEQ_BUCKET_K", "HEAD_DIM", "CAUSAL", "PV_FP8", "Q_BLOCK", "K_BLOCK",
-         "FUSE_Q", "QK_INT8"],
+         "FUSE_Q", "QK_INT8", "N_HI"],
     prune_configs_by={"early_config_prune": _prune_fwd},
 )
 @triton.jit
 def _fp8_attn_fwd_kernel(
-    Q, Q8, QS, desc_k, KS, MU, desc_v, VS, Out, Lse,
+    Q, Q8, QS, desc_k, KS, MU, desc_v, VS, Out, Lse, QHI_IDX, KHI,
     stride_qb, stride_qh, stride_qm,
     stride_ob, stride_oh, stride_om,
     H, GROUP, SEQ_Q, SEQ_K, SEQ_QP, SEQ_KP, N_QS, N_KS, DIAG, sm_scale,
     SEQ_BUCKET_Q, SEQ_BUCKET_K,
     HEAD_DIM: tl.constexpr, Q_BLOCK: tl.constexpr, K_BLOCK: tl.constexpr,
     CAUSAL: tl.constexpr, PV_FP8: tl.constexpr, FUSE_Q: tl.constexpr, ROUND_SW: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, QK_INT8: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, QK_INT8: tl.constexpr, N_HI: tl.constexpr,
 ):
     """One program per (query block, batch·head); see the module docstring.
 
@@ -389,6 +410,10 @@ def _fp8_attn_fwd_kernel(
     ``FUSE_Q``: quantise the Q tile here from the 16-bit ``Q`` (per-token scales, or blocks of
     ``Q_BLOCK`` rows with ``Q_BLOCK % BLOCK_M == 0``: the program reads its whole block for the
     maximum). Otherwise ``Q8`` / ``QS`` hold Q quantised by ``_quant_rows_kernel``.
+    ``N_HI`` > 0: ``QHI_IDX`` ``(B·Hkv, N_HI)`` int32 holds the outlier channels of each KV
+    head and ``KHI`` ``(B·Hkv, SEQ_KP, N_HI)`` K̃ at those channels in 16-bit; the program
+    gathers Q's outlier channels from ``Q``, zeroes them before quantising (K8 was quantised
+    without them) and adds ``Q_hi·K̃_hiᵀ·τ log2 e`` to every score tile.
     """
     HALF: tl.constexpr = HEAD_DIM // 2
     n_mblocks = tl.cdiv(SEQ_Q, BLOCK_M)
@@ -416,6 +441,16 @@ def _fp8_attn_fwd_kernel(
                 mask=rmask[:, None], other=0.0).to(tl.float32)
     mu = tl.load(MU + bhkv.to(tl.int64) * HEAD_DIM + offs_d)
     shift = tl.sum(x * mu[None, :], 1) * sm_scale
+    if N_HI > 0:
+        hi_idx = tl.load(QHI_IDX + bhkv.to(tl.int64) * N_HI + tl.arange(0, N_HI))
+        q_hi = tl.load(q_base + offs_m[:, None].to(tl.int64) * stride_qm + hi_idx[None, :],
+                       mask=rmask[:, None], other=0.0)
+        hit = tl.sum((offs_d[:, None] == hi_idx[None, :]).to(tl.int32), 1) > 0
+        x = tl.where(hit[None, :], 0.0, x)  # quantise the other channels only
+    else:
+        hit = offs_d < 0
+        q_hi = x  # unused
+    khi_base = KHI + bhkv.to(tl.int64) * SEQ_KP * N_HI
     if FUSE_Q:
         if Q_BLOCK == BLOCK_M:  # the block is this tile
             qs = _group_scale(tl.max(tl.max(tl.abs(x), 1), 0), QK_INT8)
@@ -427,6 +462,7 @@ def _fp8_attn_fwd_kernel(
                 rows = blk0 + r0 + tl.arange(0, BLOCK_M)
                 y = tl.load(q_base + rows[:, None].to(tl.int64) * stride_qm + offs_d[None, :],
                             mask=(rows < SEQ_Q)[:, None], other=0.0).to(tl.float32)
+                y = tl.where(hit[None, :], 0.0, y)
                 amax = tl.maximum(amax, tl.max(tl.abs(y), 1))
             qs = _group_scale(tl.max(amax, 0), QK_INT8)
             xs = tl.math.div_rn(x, tl.full(x.shape, 1.0, tl.float32) * qs)
@@ -467,12 +503,14 @@ def _fp8_attn_fwd_kernel(
     pv1 = tl.zeros([BLOCK_M, HALF], dtype=tl.float32)
     acc0, acc1, pv0, pv1, l_i, m_i = _attn_tiles(
         acc0, acc1, pv0, pv1, l_i, m_i, q8, row_f, desc_k, ks_base, desc_v, kv_row, v_row, b,
-        hkv, offs_m, offs_n, 0, full, SEQ_K, DIAG, N_KS, K_BLOCK, K_SCALAR, Q_SCALAR, BLOCK_N,
-        False, CAUSAL, PV_FP8, ROUND_SW, HALF, QK_INT8)
+        hkv, offs_m, offs_n, 0, full, SEQ_K, DIAG, N_KS, q_hi, khi_base, qk_scale,
+        1.0 / qk_scale, K_BLOCK,
+        K_SCALAR, Q_SCALAR, BLOCK_N, False, CAUSAL, PV_FP8, ROUND_SW, HALF, QK_INT8, N_HI)
     acc0, acc1, pv0, pv1, l_i, m_i = _attn_tiles(
         acc0, acc1, pv0, pv1, l_i, m_i, q8, row_f, desc_k, ks_base, desc_v, kv_row, v_row, b,
-        hkv, offs_m, offs_n, full, hi, SEQ_K, DIAG, N_KS, K_BLOCK, K_SCALAR, Q_SCALAR, BLOCK_N,
-        True, CAUSAL, PV_FP8, ROUND_SW, HALF, QK_INT8)
+        hkv, offs_m, offs_n, full, hi, SEQ_K, DIAG, N_KS, q_hi, khi_base, qk_scale,
+        1.0 / qk_scale, K_BLOCK,
+        K_SCALAR, Q_SCALAR, BLOCK_N, True, CAUSAL, PV_FP8, ROUND_SW, HALF, QK_INT8, N_HI)
     acc0 += pv0  # the last tile's product
     acc1 += pv1
 

@@ -110,6 +110,7 @@ def fp8_attention(
     block_size: int = 128,
     backend: str = "auto",
     qk_dtype: Literal["int8", "fp8"] = "int8",
+    outlier_channels: int = 0,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Attention forward with 8-bit (int8 / FP8 e4m3) tensor-core matmuls, for inference.
 
@@ -153,6 +154,14 @@ def fp8_attention(
             :func:`~adaattn_kernels.fp8.quantize_int8`), ``Q·Kᵀ`` on int8 tensor cores with
             int32 accumulation (same rate as FP8 on Hopper), about 1 % score noise on N(0, 1)
             inputs; ``"fp8"``: e4m3 (``scale = amax/448``), about 3.6 %.
+        outlier_channels: ``0`` (default), ``16`` or ``32``: the channels with the largest
+            ``amax|Q_c|·amax|K̃_c|`` per KV head
+            (:func:`~adaattn_kernels.fp8.quant.select_outlier_channels`) are computed in the
+            16-bit input dtype (an extra 16- or 32-wide matmul per key tile) and the rest in
+            8 bits, so channel outliers no longer set the 8-bit scales (LLM.int8()'s
+            decomposition). On heads with a few 20× query channels this brings the error from
+            8e-2 to under 1e-2 in the CPU simulation (``docs/kernels/fp8.md``); it costs one
+            pass over Q and K to choose the channels and copies of K without them.
 
     Returns:
         The output ``(B, Hq, Sq, D)`` in ``q.dtype``, or ``(output, lse)`` if ``return_lse``.
@@ -178,7 +187,7 @@ def fp8_attention(
     shape = check_attention_inputs(q, k, v, allowed_dtypes=(*_TRITON_DTYPES, torch.float32))
     mode = normalize_causal(causal)
     tau = resolve_scale(scale, shape.head_dim)
-    check_fp8_options(pv_dtype, granularity, block_size, qk_dtype)
+    check_fp8_options(pv_dtype, granularity, block_size, qk_dtype, outlier_channels, shape.head_dim)
     if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
         raise ValueError(
             "fp8_attention has no backward (FP8 attention is an inference path); call it under "
@@ -192,8 +201,9 @@ def fp8_attention(
                 )
         idx = _check_rows(None, shape.seq_q, q.device)
         out, lse = _simulate(
-            q, k, v, idx, mode, tau, pv_dtype, granularity, block_size, kernel_tile_n(), qk_dtype
-        )
+            q, k, v, idx, mode, tau, pv_dtype, granularity, block_size, kernel_tile_n(),
+            qk_dtype, outlier_channels,
+        )  # fmt: skip
     else:
         # Under torch.compile the device probe (cached per device) is not traced; the eager
         # call, or Triton itself, rejects a device without FP8.
@@ -203,6 +213,7 @@ def fp8_attention(
         from adaattn_kernels.fp8.op import fp8_attention_op
 
         out, lse = fp8_attention_op(
-            q, k, v, mode, tau, pv_dtype == "fp8", granularity, block_size, qk_dtype == "int8"
-        )
+            q, k, v, mode, tau, pv_dtype == "fp8", granularity, block_size, qk_dtype == "int8",
+            outlier_channels,
+        )  # fmt: skip
     return (out, lse) if return_lse else out

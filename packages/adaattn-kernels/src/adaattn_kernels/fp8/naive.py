@@ -25,6 +25,11 @@ arithmetic:
    ``acc ← acc·α + fp8(P') · V8`` (or ``P'`` and ``V`` in the input's 16-bit dtype).
 5. ``O = acc · s_v / l``; ``lse = ln 2 · (m + log2 l − 8) + τ q·mean(K)``.
 
+With ``outlier_channels=n`` the ``n`` channels chosen by
+:func:`~adaattn_kernels.fp8.quant.select_outlier_channels` are taken out of Q and K̃ before
+step 2 and their part of the scores, ``Q_hi · K̃_hiᵀ`` with both operands in the 16-bit input
+dtype and a float32 product, is added to ``S`` in step 3 (times ``τ log2 e``).
+
 The function also evaluates only selected query rows (``rows=``), which is what the planner
 needs to measure a head's FP8 error cheaply: :func:`fp8_attention_error`.
 """
@@ -43,7 +48,7 @@ from adaattn_kernels._validation import (
     normalize_causal,
     resolve_scale,
 )
-from adaattn_kernels.fp8.quant import kernel_tile_n
+from adaattn_kernels.fp8.quant import OUTLIER_CHANNELS, kernel_tile_n, select_outlier_channels
 
 __all__ = [
     "PV_DTYPES",
@@ -67,9 +72,26 @@ _REF_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
 def check_fp8_options(
-    pv_dtype: str, granularity: str, block_size: int, qk_dtype: str = "int8"
+    pv_dtype: str,
+    granularity: str,
+    block_size: int,
+    qk_dtype: str = "int8",
+    outlier_channels: int = 0,
+    head_dim: int | None = None,
 ) -> None:
     """Validate the low-precision options shared by the kernel and the reference."""
+    if isinstance(outlier_channels, bool) or not isinstance(outlier_channels, int):
+        raise TypeError(f"`outlier_channels` must be an int, got {type(outlier_channels).__name__}")
+    if outlier_channels not in OUTLIER_CHANNELS:
+        raise ValueError(
+            f"`outlier_channels` must be one of {OUTLIER_CHANNELS} (channels of Q·Kᵀ kept in "
+            f"16-bit), got {outlier_channels}"
+        )
+    if head_dim is not None and outlier_channels and 2 * outlier_channels > head_dim:
+        raise ValueError(
+            f"`outlier_channels`={outlier_channels} is more than half of head_dim {head_dim}; "
+            "use fewer, or adaattn_kernels.attention (all channels in 16-bit)"
+        )
     if qk_dtype not in QK_DTYPES:
         raise ValueError(
             f"`qk_dtype` must be 'int8' (Q·Kᵀ in int8, ≈1 % score noise) or 'fp8' (e4m3, "
@@ -171,6 +193,7 @@ def _simulate(
     block_size: int,
     tile_n: int,
     qk_dtype: str = "int8",
+    outlier_channels: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Validated core of :func:`fp8_attention_reference`; ``rows`` is an int64 index tensor."""
     b, hq, sq, d = q.shape
@@ -183,9 +206,23 @@ def _simulate(
     k_group = 1 if k_gran == "token" else bs
     qk_scale = scale / _LN2  # τ · log2(e)
     r = rows.numel()
+    q_in, k_in = q, k
+    q_hi_rows = None
+    if outlier_channels:
+        # The op's order of operations: K's outlier channels are set to the (rounded) mean
+        # before smoothing, Q's to 0; their products come from the 16-bit copies.
+        idx, hit = select_outlier_channels(q, k, mu, outlier_channels)
+        k_in = torch.where(hit.unsqueeze(-2), mu.to(k.dtype).unsqueeze(-2), k)
+        q_in = q.masked_fill(hit.repeat_interleave(g, dim=1).unsqueeze(-2), 0.0)
+        q_hi = torch.gather(q, -1, idx.repeat_interleave(g, dim=1)[:, :, None, :].expand(
+            b, hq, sq, outlier_channels))  # fmt: skip
+        k_hi = torch.gather(k.to(torch.float32) - mu.unsqueeze(-2), -1,
+                            idx[:, :, None, :].expand(b, hkv, sk, outlier_channels))  # fmt: skip
+        k_hi = k_hi.to(k.dtype).to(torch.float32)
+        q_hi_rows = q_hi[:, :, rows].to(torch.float32).reshape(b, hkv, g, r, outlier_channels)
     if qk_dtype == "int8":
-        q8, qs = quantize_int8(q, granularity=q_gran, block_size=bs)
-        k8, ks = quantize_int8(k.to(torch.float32) - mu.unsqueeze(-2), granularity=k_gran,
+        q8, qs = quantize_int8(q_in, granularity=q_gran, block_size=bs)
+        k8, ks = quantize_int8(k_in.to(torch.float32) - mu.unsqueeze(-2), granularity=k_gran,
                                block_size=bs)  # fmt: skip
         # Integer operands in float32: their products and sums are exact (|Σ| < 2²⁴), like the
         # kernel's int32 accumulator; the scales are applied to the product, as in the kernel.
@@ -194,8 +231,8 @@ def _simulate(
         row_f = qs.repeat_interleave(q_group, dim=-1)[..., :sq][:, :, rows] * qk_scale
         col_f = ks.repeat_interleave(k_group, dim=-1)[..., :sk]  # (B, Hkv, Sk)
     else:
-        q8f, qsf = quantize_fp8(q, granularity=q_gran, block_size=bs)
-        k8f, ksf = quantize_fp8(k.to(torch.float32) - mu.unsqueeze(-2), granularity=k_gran,
+        q8f, qsf = quantize_fp8(q_in, granularity=q_gran, block_size=bs)
+        k8f, ksf = quantize_fp8(k_in.to(torch.float32) - mu.unsqueeze(-2), granularity=k_gran,
                                 block_size=bs)  # fmt: skip
         # Dequantised operands (e4m3 value × float32 scale, rounded once to float32) differ
         # from the kernel's order (scales applied to the fp32 product Q8·K8ᵀ) by float32
@@ -219,6 +256,8 @@ def _simulate(
         j1 = min(sk, j0 + tile_n)
         s = torch.matmul(qd, kd[:, :, None, j0:j1].transpose(-1, -2))
         s = s * (row_f.unsqueeze(-1) * col_f[:, :, None, None, j0:j1])
+        if q_hi_rows is not None:
+            s = s + torch.matmul(q_hi_rows, k_hi[:, :, None, j0:j1].transpose(-1, -2)) * qk_scale
         if mode:
             cols = torch.arange(j0, j1, device=q.device)
             s = s.masked_fill(cols[None, :] > visible_end[:, None], float("-inf"))
@@ -259,6 +298,7 @@ def fp8_attention_reference(
     tile_n: int | None = None,
     rows: torch.Tensor | None = None,
     qk_dtype: str = "int8",
+    outlier_channels: int = 0,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """FP8 attention simulated in plain PyTorch (the correctness reference of the FP8 kernel).
 
@@ -285,6 +325,8 @@ def fp8_attention_reference(
         rows: Optional 1-D integer tensor of query indices: only these rows are computed
             (with their true positions for the causal mask). ``None`` computes all.
         qk_dtype: ``"int8"`` (default; :func:`quantize_int8`) or ``"fp8"`` (e4m3) for Q and K.
+        outlier_channels: ``0`` (default), ``16`` or ``32``: channels of ``Q·Kᵀ`` kept in
+            16-bit (see :func:`~adaattn_kernels.fp8.fp8_attention`).
 
     Returns:
         The output ``(B, Hq, R, D)`` in ``q.dtype`` (``R = Sq`` or ``len(rows)``), or
@@ -297,7 +339,7 @@ def fp8_attention_reference(
     shape = check_attention_inputs(q, k, v, allowed_dtypes=_REF_DTYPES)
     mode = normalize_causal(causal)
     tau = resolve_scale(scale, shape.head_dim)
-    check_fp8_options(pv_dtype, granularity, block_size, qk_dtype)
+    check_fp8_options(pv_dtype, granularity, block_size, qk_dtype, outlier_channels, shape.head_dim)
     if tile_n is None:
         tile_n = kernel_tile_n()
     if isinstance(tile_n, bool) or not isinstance(tile_n, int) or tile_n < 1:
@@ -308,8 +350,9 @@ def fp8_attention_reference(
     idx = _check_rows(rows, shape.seq_q, q.device)
     with torch.no_grad():
         out, lse = _simulate(
-            q, k, v, idx, mode, tau, pv_dtype, granularity, block_size, tile_n, qk_dtype
-        )
+            q, k, v, idx, mode, tau, pv_dtype, granularity, block_size, tile_n, qk_dtype,
+            outlier_channels,
+        )  # fmt: skip
     return (out, lse) if return_lse else out
 
 
@@ -326,6 +369,7 @@ def fp8_attention_error(
     block_size: int = 128,
     tile_n: int | None = None,
     qk_dtype: str = "int8",
+    outlier_channels: int = 0,
 ) -> torch.Tensor:
     """Per-head relative error of FP8 attention on (sampled) query rows, measured.
 
@@ -346,6 +390,7 @@ def fp8_attention_error(
         block_size: Tokens per scale group for ``"block"`` (K only for ``"q_token"``).
         tile_n: Keys per online-softmax tile; default: the kernel's.
         qk_dtype: ``"int8"`` (default) or ``"fp8"``: the precision of ``Q·Kᵀ``.
+        outlier_channels: Channels of ``Q·Kᵀ`` kept in 16-bit (0, 16 or 32).
 
     Returns:
         float32 tensor ``(B, Hq)``; 0 for a head whose exact output on the rows is 0.
@@ -357,6 +402,7 @@ def fp8_attention_error(
     approx = fp8_attention_reference(
         q, k, v, causal=causal, scale=scale, pv_dtype=pv_dtype, granularity=granularity,
         block_size=block_size, tile_n=tile_n, rows=idx, qk_dtype=qk_dtype,
+        outlier_channels=outlier_channels,
     )  # fmt: skip
     assert isinstance(approx, torch.Tensor)
     mode = normalize_causal(causal)

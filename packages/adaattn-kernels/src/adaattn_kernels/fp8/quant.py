@@ -56,6 +56,43 @@ def _unit_last_stride(x: torch.Tensor) -> torch.Tensor:
     return x if x.stride(-1) == 1 else x.contiguous()
 
 
+#: Accepted numbers of outlier channels kept in 16-bit (multiples of the 16-wide MMA K-dim).
+OUTLIER_CHANNELS = (0, 16, 32)
+
+
+def select_outlier_channels(
+    q: torch.Tensor, k: torch.Tensor, mean: torch.Tensor, n: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ``n`` channels of each KV head whose score terms can be largest, and their mask.
+
+    Channel ``c`` of a score is ``Σ_c q_c k̃_c``; its largest possible magnitude is
+    ``amax|Q_c| · amax|K̃_c|`` (``K̃ = K − mean``, maxima over the sequence and, for Q, over the
+    query heads of the GQA group). The ``n`` channels with the largest bound are computed in
+    16-bit by the 8-bit attention path (LLM.int8()'s mixed-precision decomposition, Dettmers et
+    al. 2022, arXiv 2208.07339, applied to ``Q·Kᵀ``): int8 then quantises the rest, whose
+    scales are no longer set by the outliers. Shared by the kernel's op and the reference so
+    both pick the same channels.
+
+    Args:
+        q: Queries ``(B, Hq, Sq, D)``.
+        k: Keys ``(B, Hkv, Sk, D)``.
+        mean: ``(B, Hkv, D)`` float32 mean of K over the keys (the smoothing shift).
+        n: Number of channels, ``0 < n < D``.
+
+    Returns:
+        ``(index, mask)``: int64 ``(B, Hkv, n)`` channel indices (ascending) and bool
+        ``(B, Hkv, D)`` with ``True`` at those channels.
+    """
+    b, hq, _, d = q.shape
+    hkv = k.shape[1]
+    q_amax = q.abs().amax(dim=-2).to(torch.float32).reshape(b, hkv, hq // hkv, d).amax(dim=2)
+    k_amax = (k.to(torch.float32) - mean.unsqueeze(-2)).abs().amax(dim=-2)
+    index = torch.topk(q_amax * k_amax, n, dim=-1).indices.sort(dim=-1).values
+    mask = torch.zeros((b, hkv, d), dtype=torch.bool, device=q.device)
+    mask.scatter_(-1, index, True)
+    return index, mask
+
+
 def quantize_rows(
     x: torch.Tensor,
     *,
