@@ -350,8 +350,6 @@ def _attn_tiles(
                 qk = qk * (ks * row_f)[None, :]
             else:
                 qk = qk * row_f[:, None] * ks[None, :]
-            if N_HI > 0:
-                qk = qk + s_hi
             f2 = 1.0
             m_new = tl.maximum(m_i, tl.max(qk, 1))
         if MASKED:  # noqa: SIM108
