@@ -200,6 +200,7 @@ def tests_gpu_full(session: nox.Session) -> None:
 def tests_min(session: nox.Session) -> None:
     """Every package against the lowest versions its ranges declare (where installable here)."""
     lowest = session.create_tmp() + "/lowest-constraints.txt"
+    session.install("tomli; python_version < '3.11'")  # tools/_workspace.py reads TOML
     session.run("python", "tools/lowest_constraints.py", "--output", lowest)
     _install_torch(session)
     session.install("-c", lowest, *TEST_DEPS, "triton")

@@ -137,51 +137,57 @@ def fp8_error_markdown(rows: list[dict[str, Any]], seq: int = 1024) -> str:
         "|---|---|---|---|---|---|",
     ]
     main = [r for r in rows if r["seq"] == seq and "ablation" not in r]
+
+    def hi(r: dict[str, Any]) -> int:
+        return int(r.get("outlier_channels", 0))
+
     keys = sorted(
-        {(r["head_dim"], r["inputs"], r["qk_dtype"], r["granularity"]) for r in main},
-        key=lambda t: (t[0], t[1], t[2], ("block", "q_token", "token").index(t[3])),
+        {(r["head_dim"], r["inputs"], r["qk_dtype"], hi(r), r["granularity"]) for r in main},
+        key=lambda t: (t[0], t[1], t[2], t[3], ("block", "q_token", "token").index(t[4])),
     )
-    for d, kind, qk, gran in keys:
+    for d, kind, qk, n_hi, gran in keys:
         cells = []
         for pv in ("fp16", "fp8"):
             hit = [
                 r for r in main
-                if (r["head_dim"], r["inputs"], r["qk_dtype"], r["granularity"], r["pv_dtype"])
-                == (d, kind, qk, gran, pv)
+                if (r["head_dim"], r["inputs"], r["qk_dtype"], hi(r), r["granularity"],
+                    r["pv_dtype"]) == (d, kind, qk, n_hi, gran, pv)
             ]  # fmt: skip
             text = f"{hit[0]['relerr']:.4f} ({hit[0]['cos']:.5f})" if hit else "—"
             cells.append(f"**{text}**" if hit and hit[0].get("meets_target") else text)
-        lines.append(f"| {d} | {kind} | {qk} | {gran} | {cells[0]} | {cells[1]} |")
-    abl = [r for r in rows if r["seq"] == seq and "ablation" in r and "relerr" in r]
-    if abl:
+        label = f"{qk}, {n_hi} ch. 16-bit" if n_hi else qk
+        lines.append(f"| {d} | {kind} | {label} | {gran} | {cells[0]} | {cells[1]} |")
+    at_seq = [r for r in rows if r["seq"] == seq and "relerr" in r]
+
+    def first(d: int, gran: str, ablation: str | None, n_hi: int = 0) -> str:
+        """Rel. error of the outlier family, int8 Q·Kᵀ, 16-bit P·V: one ablation or mode."""
+        for row in at_seq:
+            if (row["head_dim"], row.get("granularity")) != (d, gran):
+                continue
+            if ablation is not None and str(row.get("ablation", "")).startswith(ablation):
+                return f"{row['relerr']:.4f}"
+            if (
+                ablation is None
+                and "ablation" not in row
+                and row["inputs"] == "outlier"
+                and (row["qk_dtype"], row["pv_dtype"], hi(row)) == ("int8", "fp16", n_hi)
+            ):
+                return f"{row['relerr']:.4f}"
+        return "—"
+
+    if any("ablation" in r for r in at_seq):
         lines += [
             "",
             "| head_dim | scales | only Q int8 | only K int8 | both (kernel) | channel migration "
-            "| 16 outlier channels in 16-bit |",
+            "(not in the kernel) | `outlier_channels=16` (kernel) |",
             "|---|---|---|---|---|---|---|",
         ]
-        for d in sorted({r["head_dim"] for r in abl}):
+        for d in sorted({r["head_dim"] for r in at_seq}):
             for gran in ("block", "token"):
-
-                def cell(pred: Any, d: int = d, gran: str = gran) -> str:
-                    hit = [r for r in rows if r["seq"] == seq and r["head_dim"] == d and pred(r)]
-                    hit = [r for r in hit if r.get("granularity") == gran and "relerr" in r]
-                    return f"{hit[0]['relerr']:.4f}" if hit else "—"
-
-                def ab(name: str) -> Any:
-                    return lambda row: str(row.get("ablation", "")).startswith(name)
-
-                kernel = cell(
-                    lambda r: (
-                        "ablation" not in r
-                        and r["inputs"] == "outlier"
-                        and r["qk_dtype"] == "int8"
-                        and r["pv_dtype"] == "fp16"
-                    )
-                )
                 lines.append(
-                    f"| {d} | {gran} | {cell(ab('q_only'))} | {cell(ab('k_only'))} | {kernel} "
-                    f"| {cell(ab('channel_migration'))} | {cell(ab('outlier_channels'))} |"
+                    f"| {d} | {gran} | {first(d, gran, 'q_only')} | {first(d, gran, 'k_only')} "
+                    f"| {first(d, gran, None)} | {first(d, gran, 'channel_migration')} "
+                    f"| {first(d, gran, None, 16)} |"
                 )
     sharp = [
         r for r in rows if r["seq"] == seq and r.get("ablation") == "attention sharpness"
@@ -207,8 +213,13 @@ def main() -> None:
         data = json.loads(path.read_text())
         env = data.get("environment", {})
         parts.append(f"\n## {data.get('title', path.stem)}\n")
-        if data.get("summary"):
-            parts.append(f"\n{data['summary']}\n")
+        summary = data.get("summary")
+        if isinstance(summary, list) and summary and all(isinstance(r, dict) for r in summary):
+            parts.append("\nSummary:\n\n" + table(summary) + "\n")
+        elif isinstance(summary, dict):
+            parts.append("\nSummary:\n\n" + table([summary]) + "\n")
+        elif summary:
+            parts.append(f"\n{summary}\n")
         parts.append(
             f"\nMeasured on **{env.get('device', '?')}** on {env.get('date', '?')} with torch "
             f"{env.get('torch', '?')}, triton {env.get('triton', '—')}. Reproduce with "

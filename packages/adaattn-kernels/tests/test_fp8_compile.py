@@ -46,7 +46,8 @@ for d, causal, pv_fp8, qblock, fuse, qk_int8, n_hi in json.loads(sys.argv[2]):
     types = {n: "i32" for n in fn.arg_names}
     types.update(
         Q="*bf16", Q8=f"*{qk_t}", QS="*fp32", KS="*fp32", MU="*fp32", VS="*fp32", Out="*bf16",
-        Lse="*fp32", QHI_IDX="*i32", KHI="*bf16", sm_scale="fp32", desc_k=f"tensordesc<{qk_t}[{bn}, {d}]>",
+        Lse="*fp32", QHI_IDX="*i32", KHI="*bf16", sm_scale="fp32",
+        desc_k=f"tensordesc<{qk_t}[{bn}, {d}]>",
         desc_v=f"tensordesc<fp8e4nv[{half}, {bn}]>" if pv_fp8
         else f"tensordesc<bf16[1, 1, {bn}, {half}]>",
     )

@@ -129,7 +129,7 @@ def test_kernel_matches_simulation(b, hq, hkv, sq, sk, d, opts, qk_dtype):
 #     per-token Q "q_token"), 0.14 … 0.19 (e4m3). No 8-bit per-block/per-token scheme reaches
 #     2e-2 here (test_int8_outlier_target below records the gap; an exact per-channel
 #     Q/K rebalancing, simulated only, gets 2.2e-2 … 2.8e-2). Keeping the 16 channels with the
-#     largest amax|Q|·amax|K̃| in 16-bit (``outlier_channels=16``) does: 5.5e-3 … 7.5e-3
+#     largest amax|Q|·amax|K̃| in 16-bit (``outlier_channels=16``) does: 8.0e-3 … 1.2e-2
 #     simulated (test_outlier_channels_meet_target).
 BOUND = {
     ("int8", "normal", "fp16", "block"): 2e-2,  # the acceptance target

@@ -387,7 +387,7 @@ def test_outlier_channels_bring_channel_outliers_within_target():
             fp8_attention(q, k, v, backend="triton", pv_dtype="fp16", outlier_channels=16),
             exact,
         )
-    # Simulation at seq 1024 (results/fp8_error_sim.json): 7.8e-2 plain, 5.6e-3 with 16
+    # Simulation at seq 1024 (results/fp8_error_sim.json): 7.8e-2 plain, 9.4e-3 with 16
     # channels in 16-bit. The bound leaves room for the short sequence's sampling noise.
     assert mixed < 2e-2
     assert mixed < 0.5 * plain

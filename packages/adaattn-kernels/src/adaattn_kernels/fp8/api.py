@@ -160,7 +160,7 @@ def fp8_attention(
             16-bit input dtype (an extra 16- or 32-wide matmul per key tile) and the rest in
             8 bits, so channel outliers no longer set the 8-bit scales (LLM.int8()'s
             decomposition). On heads with a few 20× query channels this brings the error from
-            8e-2 to under 1e-2 in the CPU simulation (``docs/kernels/fp8.md``); it costs one
+            8e-2 to 0.8e-2 … 1.2e-2 in the CPU simulation (``docs/kernels/fp8.md``); it costs one
             pass over Q and K to choose the channels and copies of K without them.
 
     Returns:
