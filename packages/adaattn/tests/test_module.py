@@ -24,25 +24,39 @@ def test_default_module_equals_sdpa_with_gqa_and_mask() -> None:
     assert attn.stats.calls == 0
 
 
+class _TorchSDPA(nn.Module):
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, is_causal: bool):
+        return F.scaled_dot_product_attention(q, k, v, is_causal=is_causal)
+
+
+class _Block(nn.Module):
+    def __init__(self, core: nn.Module) -> None:
+        super().__init__()
+        self.qkv = nn.Linear(32, 96)
+        self.attn = core
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, s, _ = x.shape
+        q, k, v = self.qkv(x).view(b, s, 3, 4, 8).permute(2, 0, 3, 1, 4)
+        return self.attn(q, k, v, is_causal=True).transpose(1, 2).reshape(b, s, 32)
+
+
 def test_module_is_a_drop_in_submodule() -> None:
-    class Block(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.qkv = nn.Linear(32, 96)
-            self.attn = AdaptiveAttention(layer_idx=5)
-
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            b, s, _ = x.shape
-            q, k, v = self.qkv(x).view(b, s, 3, 4, 8).permute(2, 0, 3, 1, 4)
-            return self.attn(q, k, v, is_causal=True).transpose(1, 2).reshape(b, s, 32)
-
-    torch.manual_seed(0)
-    block = Block()
-    x = torch.randn(2, 10, 32)
-    y = block(x)
-    y.sum().backward()
-    assert block.qkv.weight.grad is not None
-    assert "layer_idx=5" in repr(block)
+    # The same block with AdaptiveAttention or torch SDPA as its attention core, float64: equal
+    # output and weight gradients (the exact path computes in float64 for float64 inputs).
+    x = torch.randn(2, 10, 32, dtype=torch.float64)
+    dy = torch.randn(2, 10, 32, dtype=torch.float64)
+    results = []
+    for core in (AdaptiveAttention(layer_idx=5), _TorchSDPA()):
+        torch.manual_seed(0)
+        block = _Block(core).double()
+        y = block(x)
+        (y * dy).sum().backward()
+        assert block.qkv.weight.grad is not None
+        results.append((y.detach(), block.qkv.weight.grad, block.qkv.bias.grad))
+    for got, want in zip(*results):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+    assert "layer_idx=5" in repr(_Block(AdaptiveAttention(layer_idx=5)))
 
 
 def test_module_validates_its_arguments() -> None:
