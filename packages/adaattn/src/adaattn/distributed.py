@@ -49,7 +49,9 @@ Example:
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from functools import partial
 from typing import TYPE_CHECKING, Any, Literal
 
 import torch
@@ -322,8 +324,13 @@ def _runs_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
     return triton_unsupported_reason(q, check_attention_inputs(q, k, v), None) is None
 
 
+_BlockFn = Callable[
+    [torch.Tensor, torch.Tensor, torch.Tensor, bool], tuple[torch.Tensor, torch.Tensor]
+]
+
+
 def _block_forward(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, scale: float, triton: bool
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, *, scale: float, triton: bool
 ) -> tuple[torch.Tensor, torch.Tensor]:
     from adaattn_kernels import attention
 
@@ -336,6 +343,23 @@ def _block_forward(
         return_lse=True,
         backend="triton" if triton else "reference",
     )
+    assert isinstance(res, tuple)
+    return res
+
+
+def _fp8_block_forward(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    causal: bool,
+    *,
+    scale: float,
+    options: Mapping[str, Any],
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One block through :func:`adaattn_kernels.fp8.fp8_attention` (its own quantisation)."""
+    from adaattn_kernels.fp8 import fp8_attention
+
+    res = fp8_attention(q, k, v, causal=causal, scale=scale, return_lse=True, **options)
     assert isinstance(res, tuple)
     return res
 
@@ -437,7 +461,11 @@ def _ring_forward(
     layout: str,
     ring: _Ring,
     triton: bool,
+    block_fn: _BlockFn | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The forward ring; ``block_fn(q, k, v, causal)`` (default: the exact kernels) does a block."""
+    if block_fn is None:
+        block_fn = partial(_block_forward, scale=scale, triton=triton)
     acc = torch.float64 if q.dtype == torch.float64 else torch.float32
     length = q.shape[2]
     out: torch.Tensor | None = None
@@ -451,13 +479,8 @@ def _ring_forward(
             kv_next, pending = ring.exchange(kv, _TAG_KV)  # overlaps the block below
         blk = _block(layout, causal, ring.rank, src, length)
         if blk is not None:
-            o_b, l_b = _block_forward(
-                _seq(q, blk.rows),
-                _seq(cur_k, blk.cols),
-                _seq(cur_v, blk.cols),
-                blk.causal,
-                scale,
-                triton,
+            o_b, l_b = block_fn(
+                _seq(q, blk.rows), _seq(cur_k, blk.cols), _seq(cur_v, blk.cols), blk.causal
             )
             if out is None or lse is None:  # step 0, the own shard: every row
                 out, lse = o_b.to(acc), l_b.to(acc)
@@ -584,6 +607,7 @@ class _RingAttention(torch.autograd.Function):
 # Public entry point
 # ---------------------------------------------------------------------------------------------
 
+_FP8_OPTIONS = ("qk_dtype", "pv_dtype", "granularity", "block_size", "outlier_channels")
 _SIGNATURE = ("batch", "heads of q", "heads of k/v", "local length", "head_dim")
 _CHECKED: set[tuple[Any, ...]] = set()
 
@@ -638,6 +662,8 @@ def ring_attention(
     layout: Layout = "zigzag",
     return_lse: bool = False,
     plan: HybridPlan | None = None,
+    precision: Literal["exact", "fp8"] = "exact",
+    fp8_options: Mapping[str, Any] | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Exact attention over a sequence sharded across the ranks of ``group`` (ring attention).
 
@@ -667,6 +693,15 @@ def ring_attention(
             scaled scores over the whole sequence (float32; float64 for float64 inputs).
         plan: A :class:`~adaattn_kernels.HybridPlan` for hybrid (sinks + window + pooled far
             field) attention: not yet supported; must be ``None``.
+        precision: ``"exact"`` (default) or ``"fp8"``: every block runs
+            :func:`adaattn_kernels.fp8.fp8_attention` (8-bit ``Q·Kᵀ`` and ``P·V``, quantised
+            per block inside the op; the float8 simulation on CPU) and the blocks merge through
+            its log-sum-exp. Inference only: inputs that require grad are rejected. The error
+            is the FP8 op's own (each visiting shard is smoothed and scaled separately, which
+            changes it little: the scales are per block of keys anyway).
+        fp8_options: Keyword arguments for ``fp8_attention`` with ``precision="fp8"``
+            (``qk_dtype``, ``pv_dtype``, ``granularity``, ``block_size``,
+            ``outlier_channels``).
 
     Returns:
         The local output ``(B, Hq, S_local, D)`` in ``q.dtype``, or ``(output, lse)``.
@@ -674,6 +709,8 @@ def ring_attention(
     Raises:
         RuntimeError: ``torch.distributed`` is not initialised.
         NotImplementedError: ``plan`` is given (hybrid ring attention is not implemented).
+        ValueError: ``precision="fp8"`` with inputs that require grad, or unknown
+            ``precision`` / ``fp8_options``.
         ValueError: bad shapes (the kernels' checks), ``q`` and ``k`` of different local
             lengths, an odd local length with ``"zigzag"``, an unknown ``layout``, a ``scale``
             that is not finite and positive, a process that is not in ``group``, or shapes and
@@ -688,6 +725,25 @@ def ring_attention(
         )
     if not isinstance(causal, bool):
         raise TypeError(f"`causal` must be a bool, got {type(causal).__name__}")
+    if precision not in ("exact", "fp8"):
+        raise ValueError(f"`precision` must be 'exact' or 'fp8', got {precision!r}")
+    if fp8_options is not None and precision != "fp8":
+        raise ValueError("`fp8_options` is only used with precision='fp8'")
+    options = dict(fp8_options or {})
+    unknown = set(options) - set(_FP8_OPTIONS)
+    if unknown:
+        raise ValueError(
+            f"`fp8_options` has unknown keys {sorted(unknown)}; allowed: {list(_FP8_OPTIONS)}"
+        )
+    if (
+        precision == "fp8"
+        and torch.is_grad_enabled()
+        and any(t.requires_grad for t in (q, k, v) if isinstance(t, torch.Tensor))
+    ):
+        raise ValueError(
+            "precision='fp8' ring attention is forward-only (inference); call it under "
+            "torch.no_grad() / torch.inference_mode(), or use precision='exact' to train"
+        )
     _check_layout(layout)
     _check_initialized("ring_attention")
     from adaattn_kernels._validation import check_attention_inputs, resolve_scale
@@ -712,5 +768,22 @@ def ring_attention(
             "rank's CUDA device, or use a gloo group for CPU tensors"
         )
     _check_same_on_all_ranks(ring, q, k, causal, s, layout)
-    out, lse = _RingAttention.apply(q, k, v, causal, s, layout, ring, _runs_triton(q, k, v))
+    if precision == "fp8":
+        from adaattn_kernels.fp8.naive import check_fp8_options
+
+        check_fp8_options(
+            options.get("pv_dtype", "fp8"),
+            options.get("granularity", "block"),
+            options.get("block_size", 128),
+            options.get("qk_dtype", "int8"),
+            options.get("outlier_channels", 0),
+            shape.head_dim,
+        )
+        block = partial(_fp8_block_forward, scale=s, options=options)
+        out, lse = _ring_forward(
+            q, k, v, causal=causal, scale=s, layout=layout, ring=ring, triton=False,
+            block_fn=block,
+        )  # fmt: skip
+    else:
+        out, lse = _RingAttention.apply(q, k, v, causal, s, layout, ring, _runs_triton(q, k, v))
     return (out, lse) if return_lse else out
