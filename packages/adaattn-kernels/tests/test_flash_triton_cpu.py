@@ -117,7 +117,7 @@ def test_opcheck_interpreter():
     )
 
 
-@pytest.mark.parametrize("mode", ["split", "poly"])
+@pytest.mark.parametrize("mode", ["split", "quarter", "poly"])
 def test_triton_interpreter_polynomial_exp2(mode, monkeypatch):
     # The polynomial exp2 (relative error 7.7e-5) replaces the special-function unit on the
     # unmasked tiles; the result must stay within the same fp16 tolerance. Seq 160 with 32×16

@@ -75,14 +75,15 @@ def _use_tma(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, head_dim: int) -
     return all(t.is_contiguous() and t.data_ptr() % 16 == 0 for t in (k, v))
 
 
-_EXP2_MODES = {"mufu": 0, "split": 1, "poly": 2}
+_EXP2_MODES = {"mufu": 0, "split": 1, "poly": 2, "quarter": 3}
 
 
 def _exp2_mode() -> int:
     """How the forward computes ``exp2`` of unmasked tiles: ``ADAATTN_FLASH_EXP2``.
 
     ``mufu`` (default): the special-function unit. ``split``: half the columns by a polynomial
-    on the FMA pipes (FlashAttention-4's trick). ``poly``: all of them by the polynomial.
+    on the FMA pipes (FlashAttention-4's trick); ``quarter``: a quarter of them. ``poly``: all
+    of them by the polynomial.
     """
     name = os.environ.get("ADAATTN_FLASH_EXP2", "mufu")
     if name not in _EXP2_MODES:
