@@ -44,25 +44,35 @@ def seq_bucket(n: int) -> int:
     return 1 << max(0, min(n, 65536) - 1).bit_length()
 
 
+#: (BLOCK_M, BLOCK_N, num_warps, num_stages) candidates of the hybrid forward.
+FWD_TILES = ((128, 64, 8, 3), (128, 32, 8, 3), (64, 64, 4, 3), (64, 32, 4, 3))
+
+
 def _fwd_configs() -> list[triton.Config]:
     if _INTERPRET:
         return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 16}, num_warps=4, num_stages=1)]
+    # Compiled for sm_90 (tests/test_hybrid_compile.py), these spill at most 64 bytes per
+    # thread; (128, 64, 4 warps) spilled 1112 B at head_dim 128 and (128, 128, 8, 2) 360-416 B,
+    # so they are not candidates.
     return [
         triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
-        for bm, bn, w, s in [
-            (128, 64, 8, 3),
-            (128, 64, 4, 3),
-            (64, 64, 4, 3),
-            (128, 128, 8, 2),
-        ]
+        for bm, bn, w, s in FWD_TILES
     ]
 
 
 def _prune_fwd(configs: list[triton.Config], named_args: dict, **kwargs: object) -> list:
     d = named_args.get("HEAD_DIM", kwargs.get("HEAD_DIM", 128))
-    if d <= 64:
-        return [c for c in configs if c.kwargs["BLOCK_N"] == 64] or configs
-    return configs
+    # head_dim 64: 64-key tiles (no spills); 128: (64, 64) spills 136-200 B, 32-key tiles none.
+    keep = [
+        c
+        for c in configs
+        if (
+            c.kwargs["BLOCK_N"] == 64
+            if d <= 64
+            else (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]) != (64, 64)
+        )
+    ]
+    return keep or configs
 
 
 @triton.jit
