@@ -85,9 +85,12 @@ def sample_query_rows(
     if num_samples >= seq_q:
         return torch.arange(seq_q, device=device)
     u = torch.rand(num_samples, generator=generator, dtype=torch.float64)
-    edges = torch.arange(num_samples + 1, dtype=torch.float64) * (seq_q / num_samples)
-    lo, width = edges[:-1].ceil(), edges[1:].ceil() - edges[:-1].ceil()
-    rows = (lo + (u * width).floor()).long().clamp_max(seq_q - 1)
+    # Stratum i is [ceil(i·Sq/m), ceil((i+1)·Sq/m)), in integer arithmetic: a float product
+    # such as 22 · (122/44) = 61.000000000000007 would move an edge by one row.
+    i = torch.arange(num_samples + 1, dtype=torch.int64)
+    edges = (i * seq_q + num_samples - 1) // num_samples
+    lo, width = edges[:-1], edges[1:] - edges[:-1]
+    rows = (lo + (u * width).floor().long()).clamp_max(seq_q - 1)
     return rows.to(device)
 
 
