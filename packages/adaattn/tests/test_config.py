@@ -67,6 +67,8 @@ def test_replan_choices() -> None:
         ({"modes": ("exact", "exact")}, ValueError, "duplicates"),
         ({"sample_size": 0}, ValueError, "sample_size"),
         ({"sample_size": 2.5}, TypeError, "sample_size"),
+        ({"predict_samples": 0}, ValueError, "predict_samples"),
+        ({"predict_samples": None}, TypeError, "predict_samples"),
         ({"replan": "sometimes"}, ValueError, "replan"),
         ({"replan": 0}, ValueError, "replan"),
         ({"replan": True}, TypeError, "replan"),

@@ -365,3 +365,119 @@ def test_cached_plan_follows_the_active_policy() -> None:
     assert quality_plan is not speed_plan
     assert all(h.mode == "exact" for h in quality_plan.heads)  # quality forbids FP8
     assert len(attn.planner.cached_plans) == 2
+
+
+def test_a_missed_hybrid_pick_calibrates_the_next_one(monkeypatch: pytest.MonkeyPatch) -> None:
+    """After a measured miss, the next pick must be predicted within tol / (measured/predicted).
+
+    The fake predictor scores every candidate 0.04 but one (w=64, r=32) at 0.02; the fake
+    measurement is twice the prediction. The first pick (the cheapest, predicted 0.04) measures
+    0.08 > 0.05; calibrated by x2, only the 0.02 candidate qualifies and measures 0.04.
+    Uncalibrated, the next picks would be more 0.04 candidates, all missing.
+    """
+    from types import SimpleNamespace
+
+    from adaattn import planner as planner_mod
+
+    seen: dict[str, tuple[int, ...]] = {}
+    measured_picks: list[tuple[int, int]] = []
+    seq = 512
+
+    def predicted(w: int, r: int) -> float:
+        return 0.02 if (w, r) == (64, 32) else 0.04
+
+    def fake_prediction(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, **kw: object) -> object:
+        windows, ranks = kw["windows"], kw["ranks"]
+        assert isinstance(windows, tuple)
+        assert isinstance(ranks, tuple)
+        seen.update(windows=windows, ranks=ranks)
+        err = torch.tensor([[predicted(w, r) for r in ranks] for w in windows])
+        return SimpleNamespace(error=err.expand(q.shape[0], q.shape[1], -1, -1))
+
+    def fake_measured(
+        q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: object, **kw: object
+    ) -> torch.Tensor:
+        out = torch.zeros(q.shape[0], q.shape[1])
+        for h in range(q.shape[1]):
+            w = int(plan.window[0, h])  # type: ignore[attr-defined]
+            g = int(plan.segment[0, h])  # type: ignore[attr-defined]
+            if g == 0:
+                continue
+            r = next(r for r in seen["ranks"] if -(-seq // r) == g)
+            measured_picks.append((w, r))
+            out[:, h] = 2 * predicted(w, r)
+        return out
+
+    monkeypatch.setattr(planner_mod._backends, "hybrid_prediction", fake_prediction)
+    monkeypatch.setattr(planner_mod._backends, "hybrid_measured_error", fake_measured)
+    q, k, v = structured_qkv(("diffuse",), seq_len=seq, seed=4)
+    cfg = AdaAttnConfig.adaptive(
+        0.05, policy="quality", min_seq_len=0, sample_size=32,
+        hybrid_windows=(16, 32, 64), hybrid_ranks=(8, 16, 32),
+    )  # fmt: skip
+    plan = Planner(cfg).plan(prepare(q, k, v, None, True, None, False))
+    (head,) = plan.heads
+    assert len(measured_picks) == 2
+    assert measured_picks[1] == (64, 32)
+    assert (head.mode, head.window, head.rank) == ("hybrid", 64, 32)
+    assert head.estimated_error == pytest.approx(0.04)
+    assert "measured 0.08" in head.reason
+    assert "<= tol 0.05" in head.reason
+
+
+def test_a_head_without_a_predicted_hybrid_says_so(monkeypatch: pytest.MonkeyPatch) -> None:
+    from types import SimpleNamespace
+
+    from adaattn import planner as planner_mod
+
+    def fake_prediction(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, **kw: object) -> object:
+        windows, ranks = kw["windows"], kw["ranks"]
+        assert isinstance(windows, tuple)
+        assert isinstance(ranks, tuple)
+        assert kw["num_samples"] == 16  # predict_samples, not sample_size
+        err = torch.full((q.shape[0], q.shape[1], len(windows), len(ranks)), 0.3)
+        err[..., -1, -1] = 0.2
+        return SimpleNamespace(error=err)
+
+    monkeypatch.setattr(planner_mod._backends, "hybrid_prediction", fake_prediction)
+    q, k, v = structured_qkv(("content",), seq_len=512, seed=4)
+    cfg = AdaAttnConfig.adaptive(
+        0.05, policy="quality", min_seq_len=0, sample_size=32,
+        hybrid_windows=(16, 32), hybrid_ranks=(8, 16), predict_samples=16,
+    )  # fmt: skip
+    plan = Planner(cfg).plan(prepare(q, k, v, None, True, None, False))
+    (head,) = plan.heads
+    assert head.mode == "exact"
+    assert "no (window, rank) predicted within tol 0.05 on 16 rows" in head.reason
+    assert "best w=32 r=16 predicted 0.2" in head.reason
+
+
+def test_default_grid_keeps_only_candidates_cheaper_than_exact(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Large windows and ranks are scored only where they read fewer keys than exact attention."""
+    from types import SimpleNamespace
+
+    from adaattn import planner as planner_mod
+
+    scored: dict[int, tuple[tuple[int, ...], tuple[int, ...]]] = {}
+
+    def fake_prediction(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, **kw: object) -> object:
+        windows, ranks = kw["windows"], kw["ranks"]
+        assert isinstance(windows, tuple)
+        assert isinstance(ranks, tuple)
+        scored[k.shape[2]] = (windows, ranks)
+        return SimpleNamespace(error=torch.ones(q.shape[0], q.shape[1], len(windows), len(ranks)))
+
+    monkeypatch.setattr(planner_mod._backends, "hybrid_prediction", fake_prediction)
+    cfg = AdaAttnConfig.adaptive(0.05, policy="quality", sample_size=16)
+    assert cfg.hybrid_windows == (64, 128, 256, 512, 1024, 2048)
+    assert cfg.hybrid_ranks == (16, 32, 64, 128, 256)
+    gen = torch.Generator().manual_seed(12)
+    for seq in (1024, 8192):
+        q, k, v = (torch.randn(1, 1, seq, 16, generator=gen) for _ in range(3))
+        plan = Planner(cfg).plan(prepare(q, k, v, None, True, None, False))
+        assert plan.is_exact  # every candidate predicted 1.0: nothing measured, all exact
+    # 1024 causal keys: a query reads 512 on average, so windows >= 512 cost as much as exact.
+    assert scored[1024] == ((64, 128, 256), (16, 32, 64, 128, 256))
+    assert scored[8192] == ((64, 128, 256, 512, 1024, 2048), (16, 32, 64, 128, 256))

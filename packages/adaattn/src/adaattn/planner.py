@@ -13,9 +13,13 @@ measures every query head of the layer from a sample of ``m = sample_size`` quer
    *measured* relative error ``‖O_fp8 − O‖_F / ‖O‖_F`` on those rows is the estimate used.
 3. **Rank**: the hybrid kernels' predictor (``predict_hybrid_error``) scores every
    ``(window, rank)`` of :attr:`AdaAttnConfig.hybrid_windows` × :attr:`~AdaAttnConfig.hybrid_ranks`
-   from the sampled scores; the cheapest predicted to meet the tolerance is then measured with
-   ``estimate_hybrid_error`` (the plan run on sampled rows against exact attention); a head whose
-   measurement misses the tolerance tries its next candidate once more.
+   that is cheaper than exact, from the scores of
+   :attr:`~AdaAttnConfig.predict_samples` sampled rows; the cheapest predicted to meet the
+   tolerance is then measured with ``estimate_hybrid_error`` (the plan run on ``m`` sampled rows
+   against exact attention). The predictor tends to under-estimate errors concentrated in a few
+   rows, so a head whose measurement misses gets up to two more candidates, each predicted within
+   ``tol / ρ`` with ``ρ`` the largest measured/predicted ratio of its misses so far (the
+   predictor calibrated on that head).
 
 Each head then gets the cheapest candidate whose *measured* error on the sampled rows is at most
 the tolerance, by the cost model below (exact = 1), and falls back to exact otherwise. The
@@ -53,6 +57,8 @@ COST_FP8: float = 723.0 / 1249.0
 _PLAN_BATCH = 4
 #: Sink keys every hybrid candidate keeps exact (StreamingLLM, Xiao et al. 2024: 4 sinks).
 _HYBRID_SINKS = 4
+#: Hybrid candidates measured per head at most (each after the predictor's shortlist).
+_HYBRID_TRIES = 3
 # Prepared executables kept per cached plan (oldest dropped first): bounded, so that decoding,
 # whose key length changes every call, cannot grow it without limit.
 _PREPARED_CACHE_SIZE = 8
@@ -510,21 +516,38 @@ class Planner:
             return
         windows = tuple(sorted({w for w, _ in grid}))
         ranks = tuple(sorted({r for _, r in grid}))
+        m_pred = min(m, cfg.predict_samples)
         pred = _backends.hybrid_prediction(
             q, k, v, windows=windows, ranks=ranks, sinks=_HYBRID_SINKS, causal=problem.causal,
-            scale=problem.scale, num_samples=m,
+            scale=problem.scale, num_samples=m_pred,
             generator=torch.Generator().manual_seed(cfg.seed + 2),
         )  # fmt: skip
         err = pred.error.amax(0).double().cpu()  # (H, W, R)
         costs = torch.tensor([[cost(w, r) for r in ranks] for w in windows], dtype=torch.float64)
         err = torch.where(costs < 1.0, err, torch.full_like(err, math.inf))
         tried = torch.zeros_like(err, dtype=torch.bool)
+        # Per-head calibration of the predictor: after a measured miss, the head's later picks
+        # must be predicted within tol / (measured / predicted) of that miss (never relaxed).
+        ratio = torch.ones(heads, dtype=torch.float64)
         pending = list(range(heads))
-        for _ in range(2):  # the cheapest predicted candidate, then the next one
+        for attempt in range(_HYBRID_TRIES):
             picks: dict[int, tuple[int, int]] = {}
             for h in pending:
-                ok = (err[h] <= tol) & ~tried[h]
+                ok = (err[h] * ratio[h] <= tol) & ~tried[h]
                 if not bool(ok.any()):
+                    if attempt == 0:
+                        best = int(err[h].flatten().argmin())
+                        wb, rb = windows[best // len(ranks)], ranks[best % len(ranks)]
+                        notes[h].append(
+                            f"hybrid: no (window, rank) predicted within tol {tol:.3g} on "
+                            f"{m_pred} rows (best w={wb} r={rb} predicted "
+                            f"{float(err[h].flatten()[best]):.3g})"
+                        )
+                    else:
+                        notes[h].append(
+                            f"hybrid: no untried (window, rank) predicted within tol {tol:.3g} "
+                            f"after calibrating the predictor by x{float(ratio[h]):.2f}"
+                        )
                     continue
                 flat = torch.where(ok, costs, torch.full_like(costs, math.inf)).flatten()
                 idx = int(flat.argmin())
@@ -548,13 +571,16 @@ class Planner:
             pending = []
             for h, (wi, ri) in picks.items():
                 w, r, e = windows[wi], ranks[ri], float(measured[h])
+                predicted = float(err[h, wi, ri])
                 note = (
                     f"hybrid w={w} r={r} measured {e:.3g} on {m} rows "
-                    f"(predicted {float(err[h, wi, ri]):.3g}, cost {costs[wi, ri]:.3f})"
+                    f"(predicted {predicted:.3g}, cost {costs[wi, ri]:.3f})"
                 )
                 candidates[h].append((float(costs[wi, ri]), "hybrid", w, r, e, note))
                 if e > tol:
                     pending.append(h)
+                    if predicted > 0.0:
+                        ratio[h] = max(float(ratio[h]), e / predicted)
 
 
 @dataclass
