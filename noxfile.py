@@ -234,6 +234,8 @@ def quality(session: nox.Session) -> None:
     full = ["--context", "2048", "--tokens", "16384", "--long-context", "8192"]
     full += ["--long-tokens", "16384", "--tolerances", "0.02,0.05,0.08"]
     full += ["--ablation-tolerances", "0.02,0.05,0.08", "--balanced-tolerance", "0.05"]
+    # One thread: on shared cores two OpenMP threads wait on each other (3-5x slower measured).
+    full += ["--threads", "1"]
     # Arguments after `--` replace the full study's (e.g. `nox -s quality -- --quick`).
     session.run("python", "tools/quality.py", *(session.posargs or full))
 

