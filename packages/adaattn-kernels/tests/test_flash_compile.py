@@ -11,48 +11,25 @@ instructions): the point of the option.
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
-import pytest
+from sm90_compile import requires_sm90_toolchain, run_compile
 
-triton = pytest.importorskip("triton")
-
-_BIN = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
-pytestmark = pytest.mark.skipif(
-    not (_BIN / "ptxas").exists() or not (_BIN / "cuobjdump").exists(),
-    reason="this Triton installation has no bundled ptxas/cuobjdump (non-NVIDIA build)",
-)
+pytestmark = requires_sm90_toolchain
 
 _SCRIPT = r"""
-import json, re, subprocess, sys, tempfile
-import triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
 from adaattn_kernels.flash import _triton_kernels as K
 
-cuobjdump = sys.argv[1]
 fn = K._fwd_kernel.fn
+types = dict(Q="*bf16", K="*bf16", V="*bf16", Mask="*i8", Out="*bf16", Lse="*fp32",
+             desc_k="*bf16", desc_v="*bf16", qk_scale="fp32")
 out = []
-for d, bm, bn, mode in json.loads(sys.argv[2]):
-    types = {n: "i32" for n in fn.arg_names}
-    types.update(Q="*bf16", K="*bf16", V="*bf16", Mask="*i8", Out="*bf16", Lse="*fp32",
-                 desc_k="*bf16", desc_v="*bf16", qk_scale="fp32")
+for d, bm, bn, mode in json.loads(ARGS[0]):
     ce = dict(HEAD_DIM=d, BLOCK_D=d, CAUSAL=False, MASK_KIND=0, USE_TMA=False, EXP2_MODE=mode,
               BLOCK_M=bm, BLOCK_N=bn)
-    sig = {n: "constexpr" if n in ce else types[n] for n in fn.arg_names}
-    k = triton.compile(ASTSource(fn, sig, constexprs=ce), target=GPUTarget("cuda", 90, 32),
-                       options={"num_warps": 8, "num_stages": 3})
-    with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as f:
-        f.write(k.asm["cubin"])
-    res = subprocess.run([cuobjdump, "-res-usage", f.name], capture_output=True, text=True).stdout
-    sass = subprocess.run([cuobjdump, "-sass", f.name], capture_output=True, text=True).stdout
-    m = re.search(r"REG:(\d+) STACK:(\d+)", res)
-    count = lambda op: len(re.findall(r"\b" + re.escape(op) + r"\b", sass))
-    out.append({"case": [d, bm, bn, mode], "regs": int(m.group(1)), "stack": int(m.group(2)),
-                "ex2": count("MUFU.EX2"), "fma_pipe": count("FFMA") + count("FADD")})
+    r = build(fn, types, ce, 8, 3, sass_ops=("MUFU.EX2", "FFMA", "FADD"))
+    sass = r.pop("sass")
+    out.append({"case": [d, bm, bn, mode], **r, "ex2": sass["MUFU.EX2"],
+                "fma_pipe": sass["FFMA"] + sass["FADD"]})
 print(json.dumps(out))
 """
 
@@ -68,21 +45,8 @@ CASES = [
 
 
 def test_forward_compiles_for_sm90_and_exp2_modes_leave_mufu() -> None:
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    src = Path(__file__).resolve().parents[1] / "src"
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(src), env.get("PYTHONPATH", "")]))
-    proc = subprocess.run(
-        [sys.executable, "-c", _SCRIPT, str(_BIN / "cuobjdump"), json.dumps(CASES)],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=600,
-        check=False,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    results = {tuple(r["case"]): r for r in json.loads(proc.stdout.strip().splitlines()[-1])}
-    for r in results.values():  # shown with `pytest -s`
-        print(r)
+    results = {tuple(r["case"]): r for r in run_compile(_SCRIPT, json.dumps(CASES))}
+    for r in results.values():
         assert r["regs"] <= 255, r
         assert r["stack"] <= 16, f"register spills: {r}"
     for d, bm, bn in {(c[0], c[1], c[2]) for c in CASES}:

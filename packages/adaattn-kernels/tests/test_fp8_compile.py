@@ -15,36 +15,20 @@ The compile runs in a subprocess without ``TRITON_INTERPRET`` (the interpreter r
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
-import pytest
+from sm90_compile import requires_sm90_toolchain, run_compile
 
-triton = pytest.importorskip("triton")
-
-_BIN = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
-pytestmark = pytest.mark.skipif(
-    not (_BIN / "ptxas").exists() or not (_BIN / "cuobjdump").exists(),
-    reason="this Triton installation has no bundled ptxas/cuobjdump (non-NVIDIA build)",
-)
+pytestmark = requires_sm90_toolchain
 
 _SCRIPT = r"""
-import json, re, subprocess, sys, tempfile
-import triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
 from adaattn_kernels.fp8 import _triton_kernels as K
 
-cuobjdump = sys.argv[1]
 fn = K._fp8_attn_fwd_kernel.fn
 out = []
-for d, causal, pv_fp8, qblock, fuse, qk_int8, n_hi in json.loads(sys.argv[2]):
+for d, causal, pv_fp8, qblock, fuse, qk_int8, n_hi in json.loads(ARGS[0]):
     half, bn = d // 2, K.BLOCK_N
     qk_t = "i8" if qk_int8 else "fp8e4nv"
-    types = {n: "i32" for n in fn.arg_names}
-    types.update(
+    types = dict(
         Q="*bf16", Q8=f"*{qk_t}", QS="*fp32", KS="*fp32", MU="*fp32", VS="*fp32", Out="*bf16",
         Lse="*fp32", QHI_IDX="*i32", KHI="*bf16", sm_scale="fp32",
         desc_k=f"tensordesc<{qk_t}[{bn}, {d}]>",
@@ -55,17 +39,8 @@ for d, causal, pv_fp8, qblock, fuse, qk_int8, n_hi in json.loads(sys.argv[2]):
     kblock = 128 if qblock == 0 else qblock
     ce = dict(HEAD_DIM=d, Q_BLOCK=max(qblock, 1), K_BLOCK=kblock, CAUSAL=causal, PV_FP8=pv_fp8,
               FUSE_Q=fuse, ROUND_SW=False, BLOCK_M=128, BLOCK_N=bn, QK_INT8=qk_int8, N_HI=n_hi)
-    sig = {n: "constexpr" if n in ce else types[n] for n in fn.arg_names}
-    k = triton.compile(ASTSource(fn, sig, constexprs=ce), target=GPUTarget("cuda", 90, 32),
-                       options={"num_warps": 8, "num_stages": 3})
-    with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as f:
-        f.write(k.asm["cubin"])
-    res = subprocess.run([cuobjdump, "-res-usage", f.name], capture_output=True, text=True).stdout
-    m = re.search(r"REG:(\d+) STACK:(\d+)", res)
-    ptx = k.asm["ptx"]
-    wgmma = [ln.strip().split()[0] for ln in ptx.splitlines() if "wgmma.mma_async" in ln]
-    out.append({"case": [d, causal, pv_fp8, qblock, fuse, qk_int8, n_hi], "regs": int(m.group(1)),
-                "stack": int(m.group(2)), "wgmma": sorted(set(wgmma))})
+    out.append({"case": [d, causal, pv_fp8, qblock, fuse, qk_int8, n_hi],
+                **build(fn, types, ce, 8, 3)})
 print(json.dumps(out))
 """
 
@@ -96,21 +71,7 @@ STACK_BOUND = {7: 80, len(CASES) - 1: 448}
 
 
 def test_kernel_compiles_for_sm90_without_spills():
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    src = Path(__file__).resolve().parents[1] / "src"
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(src), env.get("PYTHONPATH", "")]))
-    proc = subprocess.run(
-        [sys.executable, "-c", _SCRIPT, str(_BIN / "cuobjdump"), json.dumps(CASES)],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=600,
-        check=False,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    results = json.loads(proc.stdout.strip().splitlines()[-1])
-    for r in results:  # shown with `pytest -s`
-        print(r)
+    results = run_compile(_SCRIPT, json.dumps(CASES))
     assert len(results) == len(CASES)
     for i, r in enumerate(results):
         _, _, pv_fp8, _, _, qk_int8, n_hi = r["case"]
