@@ -48,7 +48,6 @@ Example:
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from functools import partial
@@ -69,8 +68,6 @@ LAYOUTS: tuple[str, ...] = ("zigzag", "contiguous")
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _TAG_KV, _TAG_DKV = 0, 1  # gloo matches messages by tag; NCCL orders them (same order on all ranks)
-# Scores held at a time by the reference backward: chunk · Sk elements (as the kernels' reference).
-_MAX_CHUNK_ELEMENTS = 1 << 24
 
 
 # ---------------------------------------------------------------------------------------------
@@ -384,57 +381,11 @@ def _block_backward(
         mode = CAUSAL_TOP_LEFT if causal else CAUSAL_NONE
         grads = flash_attention_backward_op(do, q, k, v, None, out, lse, dlse, mode, scale)
         return grads[0].to(lse.dtype), grads[1].to(lse.dtype), grads[2].to(lse.dtype)
-    return _reference_block_backward(do, q, k, v, out, lse, dlse, causal, scale)
+    from adaattn_kernels.flash.naive import attention_backward_reference
 
-
-def _reference_block_backward(
-    do: torch.Tensor,
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    out: torch.Tensor,
-    lse: torch.Tensor,
-    dlse: torch.Tensor | None,
-    causal: bool,
-    scale: float,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """FlashAttention-2's backward maths (Dao 2023, arXiv 2307.08691, Algorithm 2) on one block.
-
-    With the global ``lse``, ``P = exp(s·QKᵀ − lse)`` is this block's slice of the global
-    softmax, and ``Δ = rowsum(dO ∘ O) − dlse`` uses the global output, so ``dS = P ∘ (dP − Δ)``
-    and the gradients of the blocks add up to the full gradient. Chunked over queries.
-    """
-    b, hq, sq, d = q.shape
-    hkv, sk = k.shape[1], k.shape[2]
-    g = hq // hkv
-    acc = lse.dtype
-    qg = q.reshape(b, hkv, g, sq, d).to(acc)
-    dog = do.reshape(b, hkv, g, sq, d).to(acc)
-    kg = k.to(acc).unsqueeze(2)  # (B, Hkv, 1, Sk, D)
-    vg = v.to(acc).unsqueeze(2)
-    lseg = lse.reshape(b, hkv, g, sq)
-    lseg = torch.where(torch.isneginf(lseg), torch.full_like(lseg, math.inf), lseg)  # P = 0
-    delta = (dog * out.reshape(b, hkv, g, sq, d).to(acc)).sum(-1)
-    if dlse is not None:
-        delta = delta - dlse.reshape(b, hkv, g, sq).to(acc)
-    dq = torch.empty_like(qg)
-    dk = torch.zeros((b, hkv, sk, d), dtype=acc, device=q.device)
-    dv = torch.zeros_like(dk)
-    chunk = max(1, min(sq, _MAX_CHUNK_ELEMENTS // max(1, b * hq * sk)))
-    key_idx = torch.arange(sk, device=q.device)
-    for i0 in range(0, sq, chunk):
-        i1 = min(sq, i0 + chunk)
-        scores = torch.matmul(qg[..., i0:i1, :], kg.transpose(-1, -2)) * scale
-        if causal:
-            q_idx = torch.arange(i0, i1, device=q.device)
-            scores = scores.masked_fill(key_idx[None, :] > q_idx[:, None], float("-inf"))
-        p = torch.exp(scores - lseg[..., i0:i1, None])
-        do_c = dog[..., i0:i1, :]
-        dv += torch.matmul(p.transpose(-1, -2), do_c).sum(2)
-        ds = p * (torch.matmul(do_c, vg.transpose(-1, -2)) - delta[..., i0:i1, None])
-        dq[..., i0:i1, :] = torch.matmul(ds, kg) * scale
-        dk += torch.matmul(ds.transpose(-1, -2), qg[..., i0:i1, :]).sum(2) * scale
-    return dq.reshape(b, hq, sq, d), dk, dv
+    return attention_backward_reference(
+        do, q, k, v, out, lse, dlse, causal="top_left" if causal else False, scale=scale
+    )
 
 
 def _merge(

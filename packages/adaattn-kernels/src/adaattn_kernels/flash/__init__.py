@@ -8,6 +8,12 @@ of the Triton backend (import :mod:`adaattn_kernels.flash.op` to register them e
 """
 
 from adaattn_kernels.flash.api import TRITON_HEAD_DIMS, attention, triton_unsupported_reason
-from adaattn_kernels.flash.naive import attention_reference
+from adaattn_kernels.flash.naive import attention_backward_reference, attention_reference
 
-__all__ = ["TRITON_HEAD_DIMS", "attention", "attention_reference", "triton_unsupported_reason"]
+__all__ = [
+    "TRITON_HEAD_DIMS",
+    "attention",
+    "attention_backward_reference",
+    "attention_reference",
+    "triton_unsupported_reason",
+]

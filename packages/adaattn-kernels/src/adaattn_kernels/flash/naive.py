@@ -12,6 +12,8 @@ memory is ``O(chunk · Sk)`` rather than ``O(Sq · Sk)``, with float32 accumulat
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from adaattn_kernels._validation import (
@@ -26,7 +28,7 @@ from adaattn_kernels._validation import (
     resolve_scale,
 )
 
-__all__ = ["attention_reference"]
+__all__ = ["attention_backward_reference", "attention_reference"]
 
 # Scores held at a time: chunk · Sk elements (≈ 64 MiB of float32 at the default).
 _MAX_CHUNK_ELEMENTS = 1 << 24
@@ -131,3 +133,77 @@ def _reference_forward(
     out = torch.cat(outs, dim=3).reshape(b, hq, sq, d).to(q.dtype)
     lse = torch.cat(lses, dim=3).reshape(b, hq, sq)
     return out, lse
+
+
+def attention_backward_reference(
+    do: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    dlse: torch.Tensor | None = None,
+    *,
+    causal: CausalArg = False,
+    scale: float | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients ``(dq, dk, dv)`` of attention from its output and log-sum-exp, in PyTorch.
+
+    The contract of the Triton backward op (``adaattn::flash_attention_backward``) without a
+    mask: FlashAttention-2's backward maths (Dao 2023, arXiv 2307.08691, Algorithm 2),
+    ``P = exp(s·QKᵀ − lse)``, ``Δ = rowsum(dO ∘ O) − dlse``, ``dS = P ∘ (dO Vᵀ − Δ)``,
+    ``dQ = s·dS K``, ``dK = s·dSᵀ Q``, ``dV = Pᵀ dO``, in chunks of queries (``O(chunk · Sk)``
+    memory). ``out`` and ``lse`` may be those of a *larger* key set than ``k``/``v`` (the global
+    softmax of ring attention): then ``P`` is this block's slice of it and the gradients of the
+    blocks add up to the full gradient.
+
+    Args:
+        do: Gradient of the output ``(B, Hq, Sq, D)``.
+        q: Queries ``(B, Hq, Sq, D)``.
+        k: Keys ``(B, Hkv, Sk, D)``, ``Hq % Hkv == 0``.
+        v: Values ``(B, Hkv, Sk, D)``.
+        out: The attention output ``(B, Hq, Sq, D)``.
+        lse: Its natural-log log-sum-exp ``(B, Hq, Sq)``; its dtype is the accumulation dtype
+            (float32, or float64) and that of the returned gradients.
+        dlse: Optional gradient of ``lse`` ``(B, Hq, Sq)``.
+        causal: As in :func:`attention_reference`.
+        scale: Multiplier of ``Q Kᵀ``; default ``1/sqrt(D)``.
+
+    Returns:
+        ``(dq, dk, dv)`` shaped like ``q``, ``k``, ``v``, in ``lse.dtype``.
+    """
+    shape = check_attention_inputs(q, k, v)
+    s = resolve_scale(scale, shape.head_dim)
+    mode = normalize_causal(causal)
+    diag = causal_offset(mode, shape.seq_q, shape.seq_k)
+    b, hq, sq, d = q.shape
+    hkv, sk = shape.heads_kv, shape.seq_k
+    g = hq // hkv
+    acc = lse.dtype
+    qg = q.reshape(b, hkv, g, sq, d).to(acc)
+    dog = do.reshape(b, hkv, g, sq, d).to(acc)
+    kg = k.to(acc).unsqueeze(2)  # (B, Hkv, 1, Sk, D)
+    vg = v.to(acc).unsqueeze(2)
+    lseg = lse.reshape(b, hkv, g, sq)
+    lseg = torch.where(torch.isneginf(lseg), torch.full_like(lseg, math.inf), lseg)  # P = 0
+    delta = (dog * out.reshape(b, hkv, g, sq, d).to(acc)).sum(-1)
+    if dlse is not None:
+        delta = delta - dlse.reshape(b, hkv, g, sq).to(acc)
+    dq = torch.empty_like(qg)
+    dk = torch.zeros((b, hkv, sk, d), dtype=acc, device=q.device)
+    dv = torch.zeros_like(dk)
+    chunk = max(1, min(sq, _MAX_CHUNK_ELEMENTS // max(1, b * hq * sk)))
+    key_idx = torch.arange(sk, device=q.device)
+    for i0 in range(0, sq, chunk):
+        i1 = min(sq, i0 + chunk)
+        scores = torch.matmul(qg[..., i0:i1, :], kg.transpose(-1, -2)) * s
+        if mode != CAUSAL_NONE:
+            q_idx = torch.arange(i0, i1, device=q.device)
+            scores = scores.masked_fill(key_idx[None, :] > q_idx[:, None] + diag, float("-inf"))
+        p = torch.exp(scores - lseg[..., i0:i1, None])
+        do_c = dog[..., i0:i1, :]
+        dv += torch.matmul(p.transpose(-1, -2), do_c).sum(2)
+        ds = p * (torch.matmul(do_c, vg.transpose(-1, -2)) - delta[..., i0:i1, None])
+        dq[..., i0:i1, :] = torch.matmul(ds, kg) * s
+        dk += torch.matmul(ds.transpose(-1, -2), qg[..., i0:i1, :]).sum(2) * s
+    return dq.reshape(b, hq, sq, d), dk, dv
