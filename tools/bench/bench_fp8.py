@@ -93,6 +93,8 @@ def _accuracy(
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="one shape per head_dim")
+    parser.add_argument("--head-dims", type=int, nargs="*", default=[64, 128])
+    parser.add_argument("--seqs", type=int, nargs="*", help="override the sequence lengths")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         print("bench_fp8 needs a CUDA GPU", file=sys.stderr)
@@ -129,9 +131,9 @@ def main(argv: list[str] | None = None) -> int:
             lambda q, k, v, c: sageattn(q, k, v, tensor_layout="HND", is_causal=c),
             True,
         )
-    seqs = (4096,) if args.quick else SEQS
-    rows = []
-    for d in (64, 128):
+    seqs = args.seqs or ((4096,) if args.quick else SEQS)
+    rows: list[dict[str, Any]] = []
+    for d in args.head_dims:
         for causal in (False, True):
             for s in seqs:
                 b, h = TOKENS // s, WIDTH // d
@@ -173,6 +175,7 @@ def main(argv: list[str] | None = None) -> int:
                     flush=True,
                 )
                 rows.append(row)
+                write_results("fp8", rows, partial=True)  # keep what ran if time runs out
                 del q, k, v, qh, kh, vh, probes
                 torch.cuda.empty_cache()
     # The acceptance ratios (shared/ANCHORS.md): head_dim 128, seq >= 4096, worst case.

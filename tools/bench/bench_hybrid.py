@@ -103,13 +103,14 @@ def run_case(seq: int, d: int, causal: bool, heads: int, dtype: torch.dtype) -> 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="8k only (smoke run)")
+    ap.add_argument("--seqs", type=int, nargs="*", help="override the sequence lengths")
     ap.add_argument("--heads", type=int, default=16)
     ap.add_argument("--dtype", choices=["bfloat16", "float16"], default="bfloat16")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("bench_hybrid needs a CUDA GPU")
     dtype = getattr(torch, args.dtype)
-    seqs = [8192] if args.quick else [8192, 16384, 32768]
+    seqs = args.seqs or ([8192] if args.quick else [8192, 16384, 32768])
     rows = []
     for seq in seqs:
         for d in (64, 128):
@@ -126,6 +127,7 @@ def main() -> None:
                     flush=True,
                 )
                 rows.append(row)
+                write_results("hybrid", rows, partial=True)  # keep what ran if time runs out
                 torch.cuda.empty_cache()
     write_results(
         "hybrid",

@@ -58,24 +58,37 @@ def _sage_error(q, k, v, causal, rows, exact) -> str:
     return f"rel {_rel(out[:, :, rows], exact):.4f}"
 
 
+def _assert_same(got, ref, what):
+    """Bit equality, with the number and first example of differing entries on failure."""
+    g, r = got.view(torch.uint8) if got.element_size() == 1 else got, ref
+    r = r.view(torch.uint8) if ref.element_size() == 1 else r
+    diff = (g != r).nonzero()
+    if len(diff):
+        i = tuple(diff[0].tolist())
+        raise AssertionError(
+            f"{what}: {len(diff)} of {g.numel()} entries differ; first at {i}: got "
+            f"{got[i].float().item()!r} expected {ref[i].float().item()!r}"
+        )
+
+
 @pytest.mark.parametrize("granularity", ["block", "token"])
 def test_quantisation_bit_exact_on_gpu(granularity):
     _need_fp8()
     q, k, v = _inputs(2, 4, 4, 1000, 1000, 128, kind="outlier")
-    for x in (q, k):
+    for name, x in (("q", q), ("k", k)):
         ref_q, ref_s = quantize_fp8(x, granularity=granularity)
         got_q, got_s = quantize_fp8_triton(x, granularity=granularity)
-        assert torch.equal(got_s, ref_s)
-        assert torch.equal(got_q.view(torch.uint8), ref_q.view(torch.uint8))
+        _assert_same(got_s, ref_s, f"e4m3 scales of {name}")
+        _assert_same(got_q, ref_q, f"e4m3 values of {name}")
     ref_t, ref_ts = quantize_fp8(v.transpose(-1, -2), granularity="token")
     got_t, got_ts = quantize_channels_t(v, pad_to=128)
-    assert torch.equal(got_ts, ref_ts)
-    assert torch.equal(got_t[..., :1000].view(torch.uint8), ref_t.view(torch.uint8))
-    for x in (q, k):  # int8 (qk_dtype="int8"): the GPU's division and rounding, bit-exact too
+    _assert_same(got_ts, ref_ts, "e4m3 channel scales of v")
+    _assert_same(got_t[..., :1000], ref_t, "e4m3 values of vᵀ")
+    for name, x in (("q", q), ("k", k)):  # int8: the GPU's division and rounding, bit-exact too
         ref_i, ref_is = quantize_int8(x, granularity=granularity)
         got_i, got_is = quantize_int8_triton(x, granularity=granularity)
-        assert torch.equal(got_is, ref_is)
-        assert torch.equal(got_i, ref_i)
+        _assert_same(got_is, ref_is, f"int8 scales of {name}")
+        _assert_same(got_i, ref_i, f"int8 values of {name}")
 
 
 # Kernel vs its simulation. Same quantisation; the differences are Hopper's reduced-precision

@@ -13,9 +13,15 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
+_TRITON_INSTALLED = importlib.util.find_spec("triton") is not None
+
+
 def triton_installed() -> bool:
-    """Whether the ``triton`` package can be imported (it is not imported here)."""
-    return importlib.util.find_spec("triton") is not None
+    """Whether the ``triton`` package can be imported (it is not imported here).
+
+    Looked up once at import: ``torch.compile`` cannot trace ``importlib.util.find_spec``.
+    """
+    return _TRITON_INSTALLED
 
 
 def runs_triton(t: torch.Tensor) -> bool:
