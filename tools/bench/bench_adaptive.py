@@ -67,6 +67,20 @@ def _head_errors(out: torch.Tensor, ref: torch.Tensor) -> list[float]:
     return (diff / ref.flatten(2).norm(dim=-1)[0].clamp_min(1e-300)).tolist()
 
 
+def _profile(fn: Any, title: str) -> None:
+    """Print where ten calls of ``fn`` spend their time (torch.profiler, top operators)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+    with profile(activities=acts) as prof:
+        for _ in range(10):
+            fn()
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+    key = "self_cuda_time_total" if torch.cuda.is_available() else "self_cpu_time_total"
+    print(f"--- {title}: 10 calls\n{prof.key_averages().table(sort_by=key, row_limit=14)}")
+
+
 def bench_case(
     name: str,
     q: torch.Tensor,
@@ -101,7 +115,11 @@ def bench_case(
         times["exact"] = median_ms(exact, rep=reps)
 
         config = AdaAttnConfig.adaptive(
-            args.tolerance, policy=args.policy, replan=args.replan, min_seq_len=0
+            args.tolerance,
+            policy=args.policy,
+            replan=args.replan,
+            min_seq_len=0,
+            error_confidence=args.error_confidence,
         )
         layer = AdaptiveAttention(config, layer_idx=0)
         call = lambda: layer(q, k, v, is_causal=True, enable_gqa=True)
@@ -131,6 +149,8 @@ def bench_case(
         cached_call = lambda: cached(q, k, v, is_causal=True, enable_gqa=True)
         cached_call()
         times["adaptive_cached"] = median_ms(cached_call, rep=reps)
+        if args.profile:
+            _profile(cached_call, f"{name} seq {seq}: cached adaptive call")
         row["replans_timed"] = layer.stats.plans_made
     row["ms"] = times
     row["planning_share"] = 1.0 - times["adaptive_cached"] / times["adaptive"]
@@ -155,6 +175,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--policy", default="balanced", choices=("quality", "balanced", "speed"))
     ap.add_argument("--replan", type=int, default=16, help="re-plan every N calls")
     ap.add_argument("--reps", type=int, default=100, help="timing budget (do_bench rep, ms)")
+    ap.add_argument(
+        "--error-confidence",
+        type=float,
+        default=None,
+        help="plan on upper confidence bounds of the sampled errors (e.g. 0.95)",
+    )
+    ap.add_argument("--profile", action="store_true", help="print a profile of cached calls")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = ap.parse_args(argv)
     if args.replan < 1:

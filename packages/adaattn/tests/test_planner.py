@@ -481,3 +481,24 @@ def test_default_grid_keeps_only_candidates_cheaper_than_exact(
     # 1024 causal keys: a query reads 512 on average, so windows >= 512 cost as much as exact.
     assert scored[1024] == ((64, 128, 256), (16, 32, 64, 128, 256))
     assert scored[8192] == ((64, 128, 256, 512, 1024, 2048), (16, 32, 64, 128, 256))
+
+
+def test_error_confidence_plans_on_upper_bounds(
+    qkv: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+) -> None:
+    """With ``error_confidence`` each measured error is an upper bound: no smaller than the point
+    estimate of the same rows, named as a bound in the reason, never cheaper overall."""
+    problem = prepare(*qkv, None, True, None, False)
+    base = dict(policy="quality", min_seq_len=128, sample_size=96)
+    point = Planner(AdaAttnConfig.adaptive(0.05, **base)).plan(problem)
+    bound = Planner(AdaAttnConfig.adaptive(0.05, error_confidence=0.95, **base)).plan(problem)
+    assert bound.cost >= point.cost
+    assert any(h.mode == "hybrid" for h in bound.heads)  # the synthetic heads still qualify
+    for p, b in zip(point.heads, bound.heads, strict=True):
+        if b.mode == "hybrid":
+            assert "(upper 95% bound)" in b.reason
+            if (p.mode, p.window, p.rank) == (b.mode, b.window, b.rank):
+                assert b.estimated_error > p.estimated_error
+        assert "bound" not in p.reason
+    with pytest.raises(ValueError, match="error_confidence must be None or a level"):
+        AdaAttnConfig.adaptive(0.05, error_confidence=1.5)

@@ -164,6 +164,7 @@ def fp8_measured_error(
     causal: bool,
     scale: float,
     fp8: FP8Config,
+    confidence: float | None = None,
 ) -> torch.Tensor:
     """Measured FP8 output error on the sampled ``rows`` per (batch, head), ``(B, H)``."""
     from adaattn_kernels.fp8 import fp8_attention_error
@@ -175,6 +176,7 @@ def fp8_measured_error(
         rows=rows,
         causal="top_left" if causal else False,
         scale=scale,
+        confidence=confidence,
         **_fp8_options(fp8),
     )
 
@@ -256,6 +258,7 @@ def hybrid_measured_error(
     scale: float,
     num_samples: int,
     generator: torch.Generator,
+    confidence: float | None = None,
 ) -> torch.Tensor:
     """Measured error of a hybrid plan on sampled rows per (batch, head), ``(B, H)``."""
     from adaattn_kernels.hybrid import estimate_hybrid_error
@@ -269,6 +272,7 @@ def hybrid_measured_error(
         scale=scale,
         num_samples=num_samples,
         generator=generator,
+        confidence=confidence,
     )
 
 

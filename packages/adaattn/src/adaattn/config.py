@@ -67,6 +67,11 @@ class AdaAttnConfig:
             ``sample_size``) to shortlist ``(window, rank)`` candidates; the shortlisted ones are
             then measured on ``sample_size`` rows, and only measurements decide. Fewer rows plan
             faster (the predictor scores the whole grid) at the price of more missed picks.
+        error_confidence: ``None`` (default) accepts a candidate on its measured error on the
+            sampled rows (the ratio estimator). A level such as ``0.95`` accepts it only if the
+            one-sided upper confidence bound of that estimate meets the tolerance (delta method
+            over the sampled rows). On real heads the error sits in few rows, so the point
+            estimate is more often low than high; the bound plans more conservatively.
     """
 
     tolerance: float | None = None
@@ -79,6 +84,7 @@ class AdaAttnConfig:
     hybrid_ranks: tuple[int, ...] = (16, 32, 64, 128, 256)
     seed: int = 0
     predict_samples: int = 64
+    error_confidence: float | None = None
 
     def __post_init__(self) -> None:
         if self.tolerance is not None:
@@ -118,6 +124,13 @@ class AdaAttnConfig:
                 f"meets the tolerance); got {tuple(modes)}"
             )
         object.__setattr__(self, "modes", tuple(m for m in MODES if m in modes))
+        ec = self.error_confidence
+        if ec is not None and (
+            isinstance(ec, bool) or not isinstance(ec, (int, float)) or not 0.5 < ec < 1.0
+        ):
+            raise ValueError(
+                f"error_confidence must be None or a level in (0.5, 1) such as 0.95, got {ec!r}"
+            )
         _check_int("sample_size", self.sample_size, 1)
         _check_int("predict_samples", self.predict_samples, 1)
         _check_int("min_seq_len", self.min_seq_len, 0)

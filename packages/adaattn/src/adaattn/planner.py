@@ -394,14 +394,15 @@ class Planner:
             gen = torch.Generator().manual_seed(cfg.seed + 1)
             rows = _backends.sample_rows(seq_q, m, gen, q.device)
             measured = _backends.fp8_measured_error(
-                q, k, v, rows, causal=causal, scale=scale, fp8=fp8
-            ).amax(0)
+                q, k, v, rows, causal=causal, scale=scale, fp8=fp8,
+                confidence=cfg.error_confidence,
+            ).amax(0)  # fmt: skip
             where = "simulated" if q.device.type == "cpu" else "kernel"
             for h in range(heads):
                 err = float(measured[h])
                 candidates[h].append(
                     (COST_FP8, "fp8", None, None, err,
-                     f"fp8 ({where}) measured {err:.3g} on {len(rows)} rows "
+                     f"fp8 ({where}) measured {err:.3g}{_bound_label(cfg)} on {len(rows)} rows "
                      f"(e4m3 model {float(model[h]):.3g})")
                 )  # fmt: skip
         elif "fp8" in cfg.modes:
@@ -567,13 +568,14 @@ class Planner:
             measured = _backends.hybrid_measured_error(
                 q, k, v, plan, causal=problem.causal, scale=problem.scale, num_samples=m,
                 generator=torch.Generator().manual_seed(cfg.seed + 3),
+                confidence=self.config.error_confidence,
             ).amax(0)  # fmt: skip
             pending = []
             for h, (wi, ri) in picks.items():
                 w, r, e = windows[wi], ranks[ri], float(measured[h])
                 predicted = float(err[h, wi, ri])
                 note = (
-                    f"hybrid w={w} r={r} measured {e:.3g} on {m} rows "
+                    f"hybrid w={w} r={r} measured {e:.3g}{_bound_label(self.config)} on {m} rows "
                     f"(predicted {predicted:.3g}, cost {costs[wi, ri]:.3f})"
                 )
                 candidates[h].append((float(costs[wi, ri]), "hybrid", w, r, e, note))
@@ -581,6 +583,12 @@ class Planner:
                     pending.append(h)
                     if predicted > 0.0:
                         ratio[h] = max(float(ratio[h]), e / predicted)
+
+
+def _bound_label(cfg: AdaAttnConfig) -> str:
+    """`` (upper 95% bound)`` when measured errors are confidence bounds, else empty."""
+    c = cfg.error_confidence
+    return "" if c is None else f" (upper {100 * c:g}% bound)"
 
 
 @dataclass

@@ -41,6 +41,7 @@ import math
 import torch
 from adaattn_precision import dequantize_fp8, quantize_fp8
 
+from adaattn_kernels._ratio import check_confidence, relative_error_from_rows
 from adaattn_kernels._validation import (
     CausalArg,
     causal_offset,
@@ -370,6 +371,7 @@ def fp8_attention_error(
     tile_n: int | None = None,
     qk_dtype: str = "int8",
     outlier_channels: int = 0,
+    confidence: float | None = None,
 ) -> torch.Tensor:
     """Per-head relative error of FP8 attention on (sampled) query rows, measured.
 
@@ -391,6 +393,9 @@ def fp8_attention_error(
         tile_n: Keys per online-softmax tile; default: the kernel's.
         qk_dtype: ``"int8"`` (default) or ``"fp8"``: the precision of ``Q·Kᵀ``.
         outlier_channels: Channels of ``Q·Kᵀ`` kept in 16-bit (0, 16 or 32).
+        confidence: If given (e.g. 0.95), the one-sided upper confidence bound of the ratio
+            estimator at that level instead of the point estimate (rows treated as a sample of
+            the ``Sq`` rows; no effect when every row is measured).
 
     Returns:
         float32 tensor ``(B, Hq)``; 0 for a head whose exact output on the rows is 0.
@@ -398,6 +403,7 @@ def fp8_attention_error(
     from adaattn_kernels.flash.naive import attention_reference
 
     shape = check_attention_inputs(q, k, v, allowed_dtypes=_REF_DTYPES)
+    check_confidence(confidence)
     idx = _check_rows(rows, shape.seq_q, q.device)
     approx = fp8_attention_reference(
         q, k, v, causal=causal, scale=scale, pv_dtype=pv_dtype, granularity=granularity,
@@ -415,6 +421,8 @@ def fp8_attention_error(
             q[:, :, idx].double(), k.double(), v.double(), attn_mask=mask, scale=scale
         )
     assert isinstance(exact, torch.Tensor)
-    err = (approx.double() - exact).flatten(2).norm(dim=-1)
-    ref = exact.flatten(2).norm(dim=-1)
-    return torch.where(ref > 0, err / ref.clamp_min(1e-300), torch.zeros_like(err)).float()
+    num = (approx.double() - exact).square().sum(dim=-1)  # (B, H, rows)
+    den = exact.square().sum(dim=-1)
+    # Every row measured: no sampling error (checked only when a bound is asked for).
+    complete = confidence is not None and int(idx.unique().numel()) == shape.seq_q
+    return relative_error_from_rows(num, den, confidence=confidence, complete=complete).float()

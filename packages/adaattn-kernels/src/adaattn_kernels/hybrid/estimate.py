@@ -40,6 +40,7 @@ from dataclasses import dataclass
 
 import torch
 
+from adaattn_kernels._ratio import check_confidence, relative_error_from_rows
 from adaattn_kernels._validation import (
     CAUSAL_NONE,
     CausalArg,
@@ -173,6 +174,7 @@ def estimate_hybrid_error(
     scale: float | None = None,
     num_samples: int = 256,
     generator: torch.Generator | None = None,
+    confidence: float | None = None,
 ) -> torch.Tensor:
     """Relative error of ``plan`` per (batch, head), measured on sampled query rows.
 
@@ -193,6 +195,10 @@ def estimate_hybrid_error(
             90% of the squared error), so small ``m`` tends to *under*-estimate; the default
             256 is what ``tools/hybrid_error_study.py`` validates.
         generator: CPU generator for reproducible sampling.
+        confidence: If given (e.g. 0.95), return the one-sided upper confidence bound of the
+            ratio estimator at that level instead of the point estimate (delta method, see
+            ``adaattn_kernels._ratio.relative_error_from_rows``); no effect when every row is
+            measured.
 
     Returns:
         ``(B, Hq)`` float32 relative errors on ``q``'s device; 0 for exact heads.
@@ -204,6 +210,7 @@ def estimate_hybrid_error(
     shape = check_attention_inputs(q, k, v)
     _check_plan(plan, shape.batch, shape.heads_q)
     _check_samples(num_samples)
+    check_confidence(confidence)
     _check_finite(q=q, k=k, v=v)
     mode = normalize_causal(causal)
     s = resolve_scale(scale, shape.head_dim)
@@ -212,9 +219,11 @@ def estimate_hybrid_error(
     q_rows = q[:, :, rows]
     exact, _ = _exact_rows(q_rows, rows, k, v, mode, s, shape.seq_q)
     hybrid, _ = _hybrid_rows(q_rows, rows, k, v, plan, mode, s, shape.seq_q)
-    num = (hybrid.double() - exact.double()).square().sum(dim=(-1, -2))
-    den = exact.double().square().sum(dim=(-1, -2)).clamp_min(1e-300)
-    err = (num / den).sqrt()
+    num = (hybrid.double() - exact.double()).square().sum(dim=-1)  # (B, H, m)
+    den = exact.double().square().sum(dim=-1)
+    err = relative_error_from_rows(
+        num, den, confidence=confidence, complete=len(rows) >= shape.seq_q
+    )
     return torch.where(plan.is_exact, torch.zeros_like(err), err).float()
 
 
