@@ -67,7 +67,7 @@ def _head_errors(out: torch.Tensor, ref: torch.Tensor) -> list[float]:
     return (diff / ref.flatten(2).norm(dim=-1)[0].clamp_min(1e-300)).tolist()
 
 
-def _profile(fn: Any, title: str) -> None:
+def _profile(fn: Any, title: str, sort: str | None = None) -> None:
     """Print where ten calls of ``fn`` spend their time (torch.profiler, top operators)."""
     from torch.profiler import ProfilerActivity, profile
 
@@ -77,7 +77,7 @@ def _profile(fn: Any, title: str) -> None:
             fn()
         if torch.cuda.is_available():
             torch.cuda.synchronize()
-    key = "self_cuda_time_total" if torch.cuda.is_available() else "self_cpu_time_total"
+    key = sort or ("self_cuda_time_total" if torch.cuda.is_available() else "self_cpu_time_total")
     print(f"--- {title}: 10 calls\n{prof.key_averages().table(sort_by=key, row_limit=14)}")
 
 
@@ -151,6 +151,12 @@ def bench_case(
         times["adaptive_cached"] = median_ms(cached_call, rep=reps)
         if args.profile:
             _profile(cached_call, f"{name} seq {seq}: cached adaptive call")
+            fresh = AdaptiveAttention(config.replace(replan="every_call"), layer_idx=0)
+            _profile(
+                lambda: fresh(q, k, v, is_causal=True, enable_gqa=True),
+                f"{name} seq {seq}: planning call (replan every call)",
+                sort="cpu_time_total",
+            )
         row["replans_timed"] = layer.stats.plans_made
     row["ms"] = times
     row["planning_share"] = 1.0 - times["adaptive_cached"] / times["adaptive"]
