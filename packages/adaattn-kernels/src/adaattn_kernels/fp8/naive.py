@@ -155,7 +155,9 @@ def quantize_int8(
     group = 1 if granularity == "token" else block_size
     xf = x.to(torch.float32)
     amax = _group_amax(xf, group)
-    scale = torch.where(amax > 0, amax / INT8_MAX, torch.ones_like(amax))
+    # Divide by a tensor, not a Python scalar: CUDA turns division by a scalar into a
+    # multiplication by its reciprocal, which is not the IEEE quotient (1 ulp off, seen on H100).
+    scale = torch.where(amax > 0, amax / torch.full_like(amax, INT8_MAX), torch.ones_like(amax))
     scale = scale.clamp_min(torch.finfo(torch.float32).tiny)
     per_token = scale.repeat_interleave(group, dim=-1)[..., : x.shape[-2]]
     xq = torch.round(torch.clamp(xf / per_token.unsqueeze(-1), -INT8_MAX, INT8_MAX))
