@@ -502,3 +502,30 @@ def test_error_confidence_plans_on_upper_bounds(
         assert "bound" not in p.reason
     with pytest.raises(ValueError, match="error_confidence must be None or a level"):
         AdaAttnConfig.adaptive(0.05, error_confidence=1.5)
+
+
+@pytest.mark.parametrize(
+    ("recipe", "named"),
+    [
+        ({"margin": 1}, "margin=1"),
+        ({"pow2_scales": True}, "pow2_scales=True"),
+        ({"smooth_k": False}, "smooth_k=False"),
+        ({"block_size": 8192}, "block_size=8192 (> 4096)"),
+    ],
+)
+def test_fp8_recipe_the_kernel_cannot_honour_falls_back_with_a_reason(
+    qkv: tuple[torch.Tensor, ...], recipe: dict[str, object], named: str
+) -> None:
+    """An FP8 recipe option the kernel does not implement is never silently dropped: FP8 is
+    skipped for the call and every head's reason names the option."""
+    from adaattn_precision import FP8Config, PrecisionPolicy
+
+    balanced = PrecisionPolicy.preset("balanced")
+    fp8 = FP8Config(**{**balanced.fp8.to_dict(), **recipe})  # type: ignore[arg-type]
+    policy = balanced.replace(name="custom", fp8=fp8)
+    cfg = AdaAttnConfig.adaptive(0.05, policy=policy, min_seq_len=0, sample_size=32)
+    problem = prepare(*(t[:, :, :256] for t in qkv), None, True, None, False)
+    plan = Planner(cfg).plan(problem)
+    assert not any(h.mode == "fp8" for h in plan.heads)
+    for h in plan.heads:
+        assert f"fp8 skipped: policy 'custom''s FP8 recipe asks {named}" in h.reason

@@ -454,6 +454,13 @@ class Planner:
             return f"policy {policy.name!r} does not allow FP8"
         if policy.fp8.fmt != "e4m3":
             return f"the FP8 kernel is e4m3 only; policy {policy.name!r} asks {policy.fp8.fmt}"
+        unsupported = _backends.fp8_recipe_unsupported(policy.fp8)
+        if unsupported:
+            return (
+                f"policy {policy.name!r}'s FP8 recipe asks {unsupported}, which the FP8 attention "
+                "kernel does not implement (it scales with margin 0, no power-of-two rounding, "
+                "K smoothed by its mean, blocks of at most 4096 tokens)"
+            )
         q = problem.q
         if q.device.type not in ("cuda", "cpu"):
             return f"no FP8 path on {q.device.type} devices"
