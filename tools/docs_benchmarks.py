@@ -69,8 +69,8 @@ def table(rows: list[dict[str, object]], max_rows: int = 80) -> str:
 
 
 def _span(values: list[float], fmt: str = "{:.2f}") -> str:
-    lo, hi = min(values), max(values)
-    return fmt.format(lo) if f"{lo:.2f}" == f"{hi:.2f}" else f"{fmt.format(lo)}–{fmt.format(hi)}"
+    lo, hi = fmt.format(min(values)), fmt.format(max(values))
+    return lo if lo == hi else f"{lo}–{hi}"
 
 
 def _kernel_headlines(results: dict[str, dict]) -> list[str]:
