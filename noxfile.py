@@ -155,6 +155,11 @@ def tests_adaattn(session: nox.Session) -> None:
     _tests_one(session, "adaattn")
 
 
+def _is_path(arg: str) -> bool:
+    """Whether a pytest argument names a test file or folder (``path`` or ``path::test``)."""
+    return Path(arg.split("::")[0]).exists()
+
+
 def _gpu_session(session: nox.Session, marker: str, extra_tests: tuple[str, ...]) -> None:
     src = os.pathsep.join(_pkg(p) + "/src" for p in PACKAGES)
     env = {"PYTHONPATH": src + os.pathsep + os.environ.get("PYTHONPATH", "")}
@@ -170,13 +175,15 @@ def _gpu_session(session: nox.Session, marker: str, extra_tests: tuple[str, ...]
         "sys.exit(0 if ok else 'tests-gpu needs a CUDA device')",
         env=env,
     )
-    tests = [f"packages/{p}/tests" for p in PACKAGES]
-    session.run(
-        python, "-m", "pytest", "-m", marker, *tests, *session.posargs, env=env, external=True
-    )
-    if extra_tests:
+    # Test paths among the arguments after `--` replace the default ones, so a machine that limits
+    # one command's time can run the suite in parts (`-- packages/adaattn-kernels/tests/...`).
+    paths = [a for a in session.posargs if not a.startswith("-") and _is_path(a)]
+    tests = paths or [f"packages/{p}/tests" for p in PACKAGES]
+    options = [a for a in session.posargs if a not in paths]
+    session.run(python, "-m", "pytest", "-m", marker, *tests, *options, env=env, external=True)
+    if extra_tests and not paths:
         # Documentation examples run their CUDA blocks when a card is present.
-        session.run(python, "-m", "pytest", *extra_tests, *session.posargs, env=env, external=True)
+        session.run(python, "-m", "pytest", *extra_tests, *options, env=env, external=True)
 
 
 @nox.session(name="tests-gpu", default=False)
