@@ -163,16 +163,15 @@ def headline(results: dict[str, dict]) -> str:
                 "than `torch.svd_lowrank` at equal sketch size."
             )
     quality = results.get("quality")
-    if quality:
+    if quality and quality.get("balanced"):
         for row in quality["rows"]:
-            if row.get("config") == "combined@0.05" and "plans" in row:
-                modes = row["plans"]["head_modes"]
-                total = sum(modes.values())
+            if row.get("config") == quality["balanced"]:
                 lines.append(
-                    f"- **Adaptive SmolLM2-135M** ({row['source']}, tolerance 0.05): perplexity "
+                    f"- **Adaptive SmolLM2-135M**, context {row['context']}, `balanced` policy "
+                    f"(tolerance {row['tolerance']:g}): perplexity "
                     f"{100 * row['relative_change']:+.2f}% vs exact with "
-                    f"{100 * (total - modes.get('exact', 0)) / total:.0f}% of heads off the exact "
-                    "path (CPU; FP8 simulated)."
+                    f"{100 * row['fraction_nonexact']:.0f}% of (layer, head) pairs off the exact "
+                    f"path ({100 * row['fraction_hybrid']:.0f}% hybrid; CPU, FP8 simulated)."
                 )
     if not lines:
         return "No results recorded yet.\n"
@@ -258,6 +257,127 @@ def fp8_error_markdown(rows: list[dict[str, Any]], seq: int = 1024) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _pct(value: float) -> str:
+    return f"{100 * value:+.2f}%"
+
+
+def _share(value: float) -> str:
+    return f"{100 * value:.0f}%"
+
+
+def quality_section(data: dict) -> str:
+    """The quality study (``results/quality.json``): targets, perplexity, ablation, MiniLM."""
+    image = "../benchmarks/quality.png"  # resolves from benchmarks/ and from adaattn/ pages
+    settings = data.get("settings", {})
+    out = []
+    checks = data.get("targets", [])
+    if checks:
+        out.append(
+            "**Acceptance criteria**\n\n| criterion | measured | target | met |\n|---|---|---|---|"
+        )
+        for c in checks:
+            met = {True: "yes", False: "**no**", None: "—"}[c["met"]]
+            crit = c["criterion"].replace("|", "\\|")  # a literal pipe would split the cell
+            out.append(f"| {crit} | {_fmt(c['value'])} | {_fmt(c['target'])} | {met} |")
+        out.append("")
+    out.append(
+        "**Perplexity** (exact = torch SDPA; change is relative to exact on the same tokens; "
+        "fractions count (layer, head) pairs; cost is the planner's modelled attention cost, "
+        "exact = 1)\n"
+    )
+    head = (
+        "| context | config | tokens | perplexity | change | wiki | shakespeare | exact | fp8 | "
+        "hybrid | cost | planning s |\n|---|---|---|---|---|---|---|---|---|---|---|---|"
+    )
+    out.append(head)
+    for r in data.get("rows", []):
+        change = _pct(r["relative_change"]) if "relative_change" in r else "—"
+        per_src = [
+            f"{r[f'perplexity_{s}']:.3f}"
+            + (f" ({_pct(r[f'relative_change_{s}'])})" if f"relative_change_{s}" in r else "")
+            for s in ("wiki", "shakespeare")
+        ]
+        out.append(
+            f"| {r['context']} | {r['config']} | {r['tokens']} | {r['perplexity']:.3f} | {change} "
+            f"| {per_src[0]} | {per_src[1]} | {_share(r['fraction_exact'])} "
+            f"| {_share(r['fraction_fp8'])} | {_share(r['fraction_hybrid'])} "
+            f"| {r['modelled_cost']:.3f} | {_fmt(r.get('planning_seconds'))} |"
+        )
+    out.append(f"\n![perplexity vs fraction of heads off the exact path]({image})\n")
+    ablation = data.get("ablation", [])
+    if ablation:
+        out.append(
+            f"**Ablation** at context {settings.get('context', '?')}: precision only (exact + "
+            "FP8), rank only (exact + hybrid) and combined planning\n"
+        )
+        out.append(
+            "| planning | tolerance | perplexity | change | exact | fp8 | hybrid | cost | "
+            "max est. error |\n|---|---|---|---|---|---|---|---|---|"
+        )
+        for r in ablation:
+            out.append(
+                f"| {r['planning']} | {r['tolerance']:g} | {r['perplexity']:.3f} "
+                f"| {_pct(r['relative_change'])} | {_share(r['fraction_exact'])} "
+                f"| {_share(r['fraction_fp8'])} | {_share(r['fraction_hybrid'])} "
+                f"| {r['modelled_cost']:.3f} | {_fmt(r['max_estimated_error'])} |"
+            )
+        out.append("")
+    minilm = data.get("minilm")
+    if minilm:
+        out.append(
+            f"**MiniLM sentence embeddings**: cosine to exact over {minilm['passages']} Wikipedia "
+            f"passages of {minilm['tokens_per_passage']} tokens\n"
+        )
+        out.append(
+            "| config | mean cosine | min cosine | exact | fp8 | hybrid |\n"
+            "|---|---|---|---|---|---|"
+        )
+        for lab, r in minilm["configs"].items():
+            out.append(
+                f"| {lab} | {r['mean_cosine']:.6f} | {r['min_cosine']:.6f} "
+                f"| {_share(r['fraction_exact'])} | {_share(r['fraction_fp8'])} "
+                f"| {_share(r['fraction_hybrid'])} |"
+            )
+        out.append("")
+    words = data.get("word_similarity")
+    if words:
+        sets = list(words["pairs"])
+        out.append(
+            f"**MiniLM word similarity**: Spearman correlation with human ratings "
+            f"({', '.join(f'{k} {v} pairs' for k, v in words['pairs'].items())}), exact vs "
+            "adaptive; *isolated* embeds each word alone, *word list* packs the words into "
+            f"comma-separated sequences of up to {words['list_length']} tokens\n"
+        )
+        cols = " | ".join(f"{s} exact | {s} adaptive | change" for s in sets)
+        out.append(f"| config | {cols} | exact | fp8 | hybrid |")
+        out.append("|---|" + "---|" * (3 * len(sets) + 3))
+        for lab, r in words["configs"].items():
+            cells = " | ".join(
+                f"{r['spearman_exact'][s]:.4f} | {r['spearman'][s]:.4f} "
+                f"| {r['spearman_delta'][s]:+.4f}"
+                for s in sets
+            )
+            out.append(
+                f"| {lab} | {cells} | {_share(r['fraction_exact'])} | {_share(r['fraction_fp8'])} "
+                f"| {_share(r['fraction_hybrid'])} |"
+            )
+        out.append("")
+    resumed = settings.get("resumed_rows")
+    if resumed:
+        out.append(
+            f"Rows carried over from an interrupted run of the same command (`--resume`): "
+            f"{', '.join(resumed)}.\n"
+        )
+    check = data.get("exact_check")
+    if check:
+        diffs = ", ".join(f"{k} {_pct(v)}" for k, v in check["relative_change"].items())
+        out.append(
+            f"AdaAttn's own exact path vs torch SDPA, first context of each source "
+            f"({check['tokens']} tokens at context {check['context']}): perplexity {diffs}.\n"
+        )
+    return "\n".join(out) + "\n"
+
+
 def main() -> None:
     PAGE_DIR.mkdir(parents=True, exist_ok=True)
     parts = [INTRO]
@@ -275,14 +395,22 @@ def main() -> None:
             parts.append("\nSummary:\n\n" + table([summary]) + "\n")
         elif summary:
             parts.append(f"\n{summary}\n")
-        parts.append(
+        measured = (
             f"\nMeasured on **{env.get('device', '?')}** on {env.get('date', '?')} with torch "
             f"{env.get('torch', '?')}, triton {env.get('triton', '—')}. Reproduce with "
             f"`{env.get('command', '?')}`. Raw data: `results/{path.name}`.\n\n"
         )
+        parts.append(measured)
         png = path.with_suffix(".png")
         if png.exists():
             shutil.copy(png, PAGE_DIR / png.name)
+        if path.stem == "quality":
+            section = quality_section(data)
+            # Also included by the quality-study page (docs/adaattn/quality.md).
+            (PAGE_DIR / "quality.md").write_text(measured.lstrip() + section)
+            parts.append(section)
+            continue
+        if png.exists():
             parts.append(f"![{path.stem}]({png.name})\n\n")
         parts.append(table(data.get("rows", [])))
     (PAGE_DIR / "index.md").write_text("".join(parts))
