@@ -265,6 +265,11 @@ def _share(value: float) -> str:
     return f"{100 * value:.0f}%"
 
 
+def _modes(row: dict) -> str:
+    """The exact / fp8 / hybrid share cells of a row with ``fraction_<mode>`` fields."""
+    return " | ".join(_share(row[f"fraction_{m}"]) for m in ("exact", "fp8", "hybrid"))
+
+
 def quality_section(data: dict) -> str:
     """The quality study (``results/quality.json``): targets, perplexity, ablation, MiniLM."""
     image = "../benchmarks/quality.png"  # resolves from benchmarks/ and from adaattn/ pages
@@ -299,8 +304,7 @@ def quality_section(data: dict) -> str:
         ]
         out.append(
             f"| {r['context']} | {r['config']} | {r['tokens']} | {r['perplexity']:.3f} | {change} "
-            f"| {per_src[0]} | {per_src[1]} | {_share(r['fraction_exact'])} "
-            f"| {_share(r['fraction_fp8'])} | {_share(r['fraction_hybrid'])} "
+            f"| {per_src[0]} | {per_src[1]} | {_modes(r)} "
             f"| {r['modelled_cost']:.3f} | {_fmt(r.get('planning_seconds'))} |"
         )
     out.append(f"\n![perplexity vs fraction of heads off the exact path]({image})\n")
@@ -317,8 +321,7 @@ def quality_section(data: dict) -> str:
         for r in ablation:
             out.append(
                 f"| {r['planning']} | {r['tolerance']:g} | {r['perplexity']:.3f} "
-                f"| {_pct(r['relative_change'])} | {_share(r['fraction_exact'])} "
-                f"| {_share(r['fraction_fp8'])} | {_share(r['fraction_hybrid'])} "
+                f"| {_pct(r['relative_change'])} | {_modes(r)} "
                 f"| {r['modelled_cost']:.3f} | {_fmt(r['max_estimated_error'])} |"
             )
         out.append("")
@@ -333,11 +336,7 @@ def quality_section(data: dict) -> str:
             "|---|---|---|---|---|---|"
         )
         for lab, r in minilm["configs"].items():
-            out.append(
-                f"| {lab} | {r['mean_cosine']:.6f} | {r['min_cosine']:.6f} "
-                f"| {_share(r['fraction_exact'])} | {_share(r['fraction_fp8'])} "
-                f"| {_share(r['fraction_hybrid'])} |"
-            )
+            out.append(f"| {lab} | {r['mean_cosine']:.6f} | {r['min_cosine']:.6f} | {_modes(r)} |")
         out.append("")
     words = data.get("word_similarity")
     if words:
@@ -357,10 +356,7 @@ def quality_section(data: dict) -> str:
                 f"| {r['spearman_delta'][s]:+.4f}"
                 for s in sets
             )
-            out.append(
-                f"| {lab} | {cells} | {_share(r['fraction_exact'])} | {_share(r['fraction_fp8'])} "
-                f"| {_share(r['fraction_hybrid'])} |"
-            )
+            out.append(f"| {lab} | {cells} | {_modes(r)} |")
         out.append("")
     resumed = settings.get("resumed_rows")
     if resumed:

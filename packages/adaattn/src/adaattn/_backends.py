@@ -138,14 +138,14 @@ def fp8_predicted_error(
 #: Operand formats of the 8-bit attention path, as run and as measured: ``Q·Kᵀ`` in int8
 #: (SageAttention's choice, the kernels' default) and ``P·V`` in FP8 e4m3.
 FP8_QK_DTYPE = "int8"
-#: Largest scale block the FP8 attention kernel takes (its ``block_size`` bound).
-FP8_MAX_BLOCK = 4096
 #: How plans name the precision of 8-bit heads (``Q·Kᵀ`` / ``P·V`` formats).
 FP8_PRECISION_LABEL = "int8/fp8_e4m3"
 
 
 def fp8_recipe_unsupported(fp8: FP8Config) -> str:
     """The parts of ``fp8`` the FP8 attention kernel cannot honour, as text ("" if none)."""
+    from adaattn_kernels.fp8 import MAX_BLOCK_SIZE
+
     parts = []
     if fp8.margin != 0:
         parts.append(f"margin={fp8.margin}")
@@ -153,18 +153,20 @@ def fp8_recipe_unsupported(fp8: FP8Config) -> str:
         parts.append("pow2_scales=True")
     if not fp8.smooth_k:
         parts.append("smooth_k=False")
-    if fp8.granularity != "tensor" and fp8.block_size > FP8_MAX_BLOCK:
-        parts.append(f"block_size={fp8.block_size} (> {FP8_MAX_BLOCK})")
+    if fp8.granularity != "tensor" and fp8.block_size > MAX_BLOCK_SIZE:
+        parts.append(f"block_size={fp8.block_size} (> {MAX_BLOCK_SIZE})")
     return ", ".join(parts)
 
 
 def _fp8_options(fp8: FP8Config) -> dict[str, Any]:
+    from adaattn_kernels.fp8 import MAX_BLOCK_SIZE
+
     # The same options for the measurement and the run, so the estimate is of what runs.
     # The kernel scales per block or per token; a per-tensor recipe maps to the largest block.
     if fp8.granularity == "token":
         out: dict[str, Any] = {"granularity": "token", "block_size": fp8.block_size}
     elif fp8.granularity == "tensor":
-        out = {"granularity": "block", "block_size": FP8_MAX_BLOCK}
+        out = {"granularity": "block", "block_size": MAX_BLOCK_SIZE}
     else:
         out = {"granularity": "block", "block_size": fp8.block_size}
     out["qk_dtype"] = FP8_QK_DTYPE

@@ -19,6 +19,7 @@ backend (import :mod:`adaattn_kernels.fp8.op` to register it eagerly).
 from adaattn_kernels.fp8.api import FP8_HEAD_DIMS, fp8_attention, fp8_unsupported_reason
 from adaattn_kernels.fp8.naive import (
     ATTENTION_GRANULARITIES,
+    MAX_BLOCK_SIZE,
     PV_DTYPES,
     QK_DTYPES,
     fp8_attention_error,
@@ -35,6 +36,7 @@ from adaattn_kernels.fp8.quant import (
 __all__ = [
     "ATTENTION_GRANULARITIES",
     "FP8_HEAD_DIMS",
+    "MAX_BLOCK_SIZE",
     "PV_DTYPES",
     "QK_DTYPES",
     "TRITON_GRANULARITIES",

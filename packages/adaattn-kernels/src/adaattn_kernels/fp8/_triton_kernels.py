@@ -55,7 +55,6 @@ from __future__ import annotations
 import numpy as np
 import triton
 import triton.language as tl
-from triton.language.extra import libdevice
 
 from adaattn_kernels._triton import interpreting
 from adaattn_kernels.fp8.quant import kernel_tile_n
@@ -66,9 +65,6 @@ if _INTERPRET:
 
     _interpreter_compat.apply()
 
-#: The interpreter lacks ``libdevice.rint``; compiled kernels use it (``cvt.rni``), since the
-#: add-and-subtract rounding below is only exact if the compiler keeps both operations.
-INTERPRET = tl.constexpr(_INTERPRET)
 FP8_MAX = tl.constexpr(448.0)
 INT8_MAX = tl.constexpr(127.0)
 #: 1.5 · 2**23: ``(x + RNE_MAGIC) - RNE_MAGIC`` rounds fp32 ``|x| ≤ 2**22`` half-to-even.
@@ -147,10 +143,7 @@ def _quantize_scaled(xs, INT8: tl.constexpr, ROUND_SW: tl.constexpr):
     """``xs = x / scale`` → int8 (clamp ±127, round half to even) or e4m3 (clamp ±448, RNE)."""
     if INT8:
         y = tl.minimum(tl.maximum(xs, -INT8_MAX), INT8_MAX)
-        if INTERPRET:  # noqa: SIM108 (compile-time branch)
-            r = ((y + RNE_MAGIC) - RNE_MAGIC).to(tl.int8)
-        else:
-            r = libdevice.rint(y).to(tl.int8)
+        r = ((y + RNE_MAGIC) - RNE_MAGIC).to(tl.int8)
     else:
         r = _to_e4m3(tl.minimum(tl.maximum(xs, -FP8_MAX), FP8_MAX), ROUND_SW)
     return r

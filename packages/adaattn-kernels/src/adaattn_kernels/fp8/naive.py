@@ -110,8 +110,12 @@ def check_fp8_options(
         )
     if isinstance(block_size, bool) or not isinstance(block_size, int):
         raise TypeError(f"`block_size` must be an int, got {type(block_size).__name__}")
-    if not 1 <= block_size <= 4096:
-        raise ValueError(f"`block_size` must be in [1, 4096] tokens, got {block_size}")
+    if not 1 <= block_size <= MAX_BLOCK_SIZE:
+        raise ValueError(f"`block_size` must be in [1, {MAX_BLOCK_SIZE}] tokens, got {block_size}")
+
+
+#: Largest scale group (tokens) the FP8 attention op takes.
+MAX_BLOCK_SIZE = 4096
 
 
 def _group_amax(x: torch.Tensor, group: int) -> torch.Tensor:
