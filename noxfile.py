@@ -16,6 +16,7 @@ The quality study (real models on real text, CPU, long) runs only when asked: ``
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import sys
 from pathlib import Path
@@ -160,11 +161,29 @@ def _is_path(arg: str) -> bool:
     return Path(arg.split("::")[0]).exists()
 
 
+def _gpu_workers(session: nox.Session, options: list[str]) -> list[str]:
+    """Add ``-n N`` (pytest-xdist, where installed) unless the caller chose ``-n`` or ``-p``.
+
+    Most of the GPU suite's time is Triton compiling kernels for new constexpr combinations, which
+    is CPU work: a few workers sharing the one card cut the wall time several-fold. The card's
+    memory bounds the count (the largest tests hold a few GB each). ``ADAATTN_GPU_WORKERS=1``
+    runs serially.
+    """
+    if any(a == "-n" or a.startswith(("-n", "--numprocesses", "-p")) for a in options):
+        return options
+    workers = int(os.environ.get("ADAATTN_GPU_WORKERS", min(4, max(1, (os.cpu_count() or 2) // 2))))
+    # A venv session installs pytest-xdist; --no-venv runs on this very interpreter.
+    has_xdist = not _is_passthrough(session) or importlib.util.find_spec("xdist") is not None
+    if workers <= 1 or not has_xdist:
+        return options
+    return ["-n", str(workers), *options]
+
+
 def _gpu_session(session: nox.Session, marker: str, extra_tests: tuple[str, ...]) -> None:
     src = os.pathsep.join(_pkg(p) + "/src" for p in PACKAGES)
     env = {"PYTHONPATH": src + os.pathsep + os.environ.get("PYTHONPATH", "")}
     if not _is_passthrough(session):
-        session.install(*TEST_DEPS, "triton")
+        session.install(*TEST_DEPS, "pytest-xdist", "triton")
         session.install(*[f"-e{_pkg(p)}" for p in PACKAGES])
     python = sys.executable if _is_passthrough(session) else "python"
     session.run(
@@ -180,6 +199,7 @@ def _gpu_session(session: nox.Session, marker: str, extra_tests: tuple[str, ...]
     paths = [a for a in session.posargs if not a.startswith("-") and _is_path(a)]
     tests = paths or [f"packages/{p}/tests" for p in PACKAGES]
     options = [a for a in session.posargs if a not in paths]
+    options = _gpu_workers(session, options)
     session.run(python, "-m", "pytest", "-m", marker, *tests, *options, env=env, external=True)
     if extra_tests and not paths:
         # Documentation examples run their CUDA blocks when a card is present.

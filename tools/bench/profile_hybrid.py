@@ -1,0 +1,150 @@
+"""Where the hybrid forward spends its time: pooling vs attention kernel, per tile config.
+
+    python -m tools.bench.profile_hybrid [--seq 8192] [--heads 16]
+
+For each head dim (64/128) and causal mode, on one GPU and in one process, times (median of
+CUDA-event runs via triton's do_bench):
+
+* ``dense``: ``adaattn_kernels.attention`` (all heads exact);
+* ``hybrid``: :func:`adaattn_kernels.hybrid.hybrid_attention`, every head hybrid
+  (w=512, sinks=4, r=seq/64), autotuned;
+* ``pool``: the far-field pooling kernel alone (``build_far_field``);
+* ``fwd[BMxBN,w,s]``: the attention kernel alone, once per candidate tile config;
+
+and the key tiles a query block visits (window + pooled + sinks) against the dense kernel's, so
+the measured ratio can be read against the work ratio. Prints a table; writes
+``$ADAATTN_RESULTS/profile_hybrid.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+from typing import Any
+
+import torch
+
+from tools.bench.common import median_ms, write_results
+
+WINDOW = 512
+SINKS = 4
+
+
+def _work_ratio(seq: int, causal: bool, block_m: int, block_n: int) -> float:
+    """Dense key columns per query block over hybrid ones (tile-rounded), averaged over blocks."""
+    seg = 64
+    dense = hybrid = 0.0
+    for start in range(0, seq, block_m):
+        last = start + block_m - 1
+        hi = last + 1 if causal else seq
+        dense += math.ceil(hi / block_n) * block_n
+        if causal:
+            lo = max(start + 1 - WINDOW, 0)
+        else:
+            lo = max(min(start - WINDOW // 2, seq - WINDOW), 0)
+            hi = min(max(last - WINDOW // 2, 0) + WINDOW, seq)
+        window = (math.ceil(hi / block_n) - lo // block_n) * block_n
+        pooled = math.ceil(math.ceil(seq / seg) / block_n) * block_n
+        hybrid += window + pooled + block_n  # + one sink tile
+    return dense / hybrid
+
+
+def run_case(seq: int, d: int, causal: bool, heads: int) -> dict[str, Any]:
+    import adaattn_kernels
+    from adaattn_kernels.hybrid import HybridPlan, build_far_field, hybrid_attention
+    from adaattn_kernels.hybrid import _kernels as hk
+
+    g = torch.Generator(device="cuda").manual_seed(seq + d)
+    mk = lambda: torch.randn(1, heads, seq, d, device="cuda", dtype=torch.bfloat16, generator=g)
+    q, k, v = mk(), mk(), mk()
+    plan = HybridPlan.uniform(
+        1, heads, seq_len_k=seq, window=WINDOW, rank=seq // 64, sinks=SINKS, device="cuda"
+    )
+    row: dict[str, Any] = {"seq": seq, "head_dim": d, "causal": causal, "heads": heads}
+    row["dense_ms"] = median_ms(lambda: adaattn_kernels.attention(q, k, v, causal=causal))
+    ref = hybrid_attention(q, k, v, plan, causal=causal)
+    assert isinstance(ref, torch.Tensor)
+    row["hybrid_ms"] = median_ms(lambda: hybrid_attention(q, k, v, plan, causal=causal))
+    row["pool_ms"] = median_ms(lambda: build_far_field(k, v, plan))
+    tuner = hk._hybrid_fwd_kernel
+    all_configs = list(tuner.configs)
+    try:
+        for cfg in all_configs:
+            bm, bn = cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_N"]
+            name = f"fwd[{bm}x{bn},w{cfg.num_warps},s{cfg.num_stages}]"
+            tuner.configs = [cfg]
+            tuner.cache.clear()
+            try:
+                out = hybrid_attention(q, k, v, plan, causal=causal)
+                assert isinstance(out, torch.Tensor)
+                err = float((out.float() - ref.float()).norm() / ref.float().norm())
+                row[name] = {
+                    "ms_incl_pool": median_ms(
+                        lambda: hybrid_attention(q, k, v, plan, causal=causal)
+                    ),
+                    "rel_diff_vs_autotuned": err,
+                    "work_ratio_dense_over_hybrid": _work_ratio(seq, causal, bm, bn),
+                }
+            except Exception as e:  # a config that fails to compile is reported, not fatal
+                row[name] = {"error": f"{type(e).__name__}: {e}"[:200]}
+    finally:
+        tuner.configs = all_configs
+        tuner.cache.clear()
+    row["speedup"] = row["dense_ms"] / row["hybrid_ms"]
+    return row
+
+
+def _ncu_target(seq: int, heads: int) -> None:
+    from adaattn_kernels.hybrid import HybridPlan, hybrid_attention
+
+    q, k, v = (
+        torch.randn(1, heads, seq, 64, device="cuda", dtype=torch.bfloat16) for _ in range(3)
+    )
+    plan = HybridPlan.uniform(
+        1, heads, seq_len_k=seq, window=WINDOW, rank=seq // 64, sinks=SINKS, device="cuda"
+    )
+    for _ in range(3):  # compile and autotune outside the profiled range
+        hybrid_attention(q, k, v, plan, causal=True)
+    torch.cuda.synchronize()
+    torch.cuda.nvtx.range_push("target")
+    hybrid_attention(q, k, v, plan, causal=True)
+    torch.cuda.nvtx.range_pop()
+    torch.cuda.synchronize()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--seq", type=int, default=8192)
+    ap.add_argument("--heads", type=int, default=16)
+    ap.add_argument(
+        "--ncu",
+        action="store_true",
+        help="one hybrid call (head_dim 64, causal) inside the NVTX range 'target', for "
+        "`ncu --nvtx --nvtx-include target/`",
+    )
+    args = ap.parse_args()
+    if not torch.cuda.is_available():
+        raise SystemExit("profile_hybrid needs a CUDA GPU")
+    if args.ncu:
+        _ncu_target(args.seq, args.heads)
+        return
+    rows = []
+    for d in (64, 128):
+        for causal in (False, True):
+            row = run_case(args.seq, d, causal, args.heads)
+            print(
+                f"seq={args.seq} d={d} causal={causal!s:5} dense={row['dense_ms']:.3f} "
+                f"hybrid={row['hybrid_ms']:.3f} pool={row['pool_ms']:.3f} "
+                f"speedup={row['speedup']:.2f}",
+                flush=True,
+            )
+            for name, val in row.items():
+                if name.startswith("fwd["):
+                    print(f"    {name}: {val}", flush=True)
+            rows.append(row)
+            write_results("profile_hybrid", rows, partial=True)
+    write_results("profile_hybrid", rows)
+
+
+if __name__ == "__main__":
+    main()
