@@ -43,7 +43,9 @@ def test_rsvd_batch_256_faster_and_as_accurate_as_svd_lowrank():
     assert t_ours <= t_theirs, (t_ours, t_theirs)
 
     def err(u, sv, v):
-        idx = slice(0, 32)  # exact spectral norms of 32 residuals, float64 on the host
+        # Exact spectral norms of 8 residuals, float64 on the host (32 took minutes of CPU SVDs
+        # while other test workers shared the cores).
+        idx = slice(0, 8)
         r = (
             a[idx].double()
             - (u[idx, :, :k].double() * sv[idx, None, :k].double()) @ v[idx, :, :k].double().mT

@@ -62,16 +62,12 @@ def _fwd_configs() -> list[triton.Config]:
 
 def _prune_fwd(configs: list[triton.Config], named_args: dict, **kwargs: object) -> list:
     d = named_args.get("HEAD_DIM", kwargs.get("HEAD_DIM", 128))
-    # head_dim 64: 64-key tiles (no spills); 128: (64, 64) spills 136-200 B, 32-key tiles none.
-    keep = [
-        c
-        for c in configs
-        if (
-            c.kwargs["BLOCK_N"] == 64
-            if d <= 64
-            else (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]) != (64, 64)
-        )
-    ]
+    # head_dim 128: (64, 64) spills 136-200 B, 32-key tiles none. head_dim 64: every tile is a
+    # candidate — on an H100 at 8k keys (w=512, r=128) (64, 32) ran fastest with (64, 64) next
+    # (tools/bench/profile_hybrid.py), while long all-exact plans prefer 64-key tiles.
+    if d <= 64:
+        return configs
+    keep = [c for c in configs if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]) != (64, 64)]
     return keep or configs
 
 
