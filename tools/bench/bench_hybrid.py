@@ -67,11 +67,15 @@ def run_case(seq: int, d: int, causal: bool, heads: int, dtype: torch.dtype) -> 
         "plan_mixed": lambda: hybrid_attention(q, k, v, mixed, causal=causal),
         "sdpa_cudnn": _sdpa_cudnn(q, k, v, causal),
     }
+    from adaattn_kernels.hybrid._kernels import _hybrid_fwd_kernel
+
     outs: dict[str, torch.Tensor] = {}
     for name, fn in fns.items():
         try:
             outs[name] = fn()
             torch.cuda.synchronize()
+            if name.startswith("plan_"):  # the tile the autotuner chose for this plan kind
+                row[f"{name}_config"] = str(getattr(_hybrid_fwd_kernel, "best_config", None))
             row[f"{name}_ms"] = median_ms(fn, warmup=10, rep=40)
         except Exception as err:
             row[f"{name}_ms"] = None

@@ -49,7 +49,9 @@ def _work_ratio(seq: int, causal: bool, block_m: int, block_n: int) -> float:
     return dense / hybrid
 
 
-def run_case(seq: int, d: int, causal: bool, heads: int) -> dict[str, Any]:
+def run_case(
+    seq: int, d: int, causal: bool, heads: int, order_exact_first: bool = False
+) -> dict[str, Any]:
     import adaattn_kernels
     from adaattn_kernels.hybrid import HybridPlan, build_far_field, hybrid_attention
     from adaattn_kernels.hybrid import _kernels as hk
@@ -62,11 +64,22 @@ def run_case(seq: int, d: int, causal: bool, heads: int) -> dict[str, Any]:
     )
     row: dict[str, Any] = {"seq": seq, "head_dim": d, "causal": causal, "heads": heads}
     row["dense_ms"] = median_ms(lambda: adaattn_kernels.attention(q, k, v, causal=causal))
+    tuner = hk._hybrid_fwd_kernel
+    if order_exact_first:  # bench_hybrid's order: the all-exact plan autotunes first
+        exact = HybridPlan.exact(1, heads, device="cuda")
+        hybrid_attention(q, k, v, exact, causal=causal)
+        row["exact_plan_config"] = str(tuner.best_config)
     ref = hybrid_attention(q, k, v, plan, causal=causal)
     assert isinstance(ref, torch.Tensor)
+    # What the autotuner measured for each candidate (kernel alone), and what it chose.
+    row["autotune_choice"] = str(tuner.best_config)
+    row["autotune_timings_ms"] = {
+        str(c): [float(x) for x in t] if isinstance(t, (list, tuple)) else float(t)
+        for c, t in (getattr(tuner, "configs_timings", None) or {}).items()
+    }
     row["hybrid_ms"] = median_ms(lambda: hybrid_attention(q, k, v, plan, causal=causal))
+    row["hybrid_ms_again"] = median_ms(lambda: hybrid_attention(q, k, v, plan, causal=causal))
     row["pool_ms"] = median_ms(lambda: build_far_field(k, v, plan))
-    tuner = hk._hybrid_fwd_kernel
     all_configs = list(tuner.configs)
     try:
         for cfg in all_configs:
@@ -116,6 +129,13 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seq", type=int, default=8192)
     ap.add_argument("--heads", type=int, default=16)
+    ap.add_argument("--head-dims", type=int, nargs="*", default=[64, 128])
+    ap.add_argument("--causal", choices=["both", "yes", "no"], default="both")
+    ap.add_argument(
+        "--exact-first",
+        action="store_true",
+        help="autotune the all-exact plan before the hybrid one (bench_hybrid's order)",
+    )
     ap.add_argument(
         "--ncu",
         action="store_true",
@@ -129,13 +149,15 @@ def main() -> None:
         _ncu_target(args.seq, args.heads)
         return
     rows = []
-    for d in (64, 128):
-        for causal in (False, True):
-            row = run_case(args.seq, d, causal, args.heads)
+    causals = {"both": (False, True), "yes": (True,), "no": (False,)}[args.causal]
+    for d in args.head_dims:
+        for causal in causals:
+            row = run_case(args.seq, d, causal, args.heads, args.exact_first)
             print(
                 f"seq={args.seq} d={d} causal={causal!s:5} dense={row['dense_ms']:.3f} "
                 f"hybrid={row['hybrid_ms']:.3f} pool={row['pool_ms']:.3f} "
-                f"speedup={row['speedup']:.2f}",
+                f"speedup={row['speedup']:.2f} again={row['hybrid_ms_again']:.3f} "
+                f"chose={row['autotune_choice']} tuner={row['autotune_timings_ms']}",
                 flush=True,
             )
             for name, val in row.items():
