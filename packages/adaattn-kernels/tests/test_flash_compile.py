@@ -21,11 +21,11 @@ from adaattn_kernels.flash import _triton_kernels as K
 
 fn = K._fwd_kernel.fn
 types = dict(Q="*bf16", K="*bf16", V="*bf16", Mask="*i8", Out="*bf16", Lse="*fp32",
-             desc_k="*bf16", desc_v="*bf16", qk_scale="fp32")
+             HeadIdx="*i32", desc_k="*bf16", desc_v="*bf16", qk_scale="fp32")
 out = []
 for d, bm, bn, mode in json.loads(ARGS[0]):
     ce = dict(HEAD_DIM=d, BLOCK_D=d, CAUSAL=False, MASK_KIND=0, USE_TMA=False, EXP2_MODE=mode,
-              BLOCK_M=bm, BLOCK_N=bn)
+              HEAD_LIST=False, BLOCK_M=bm, BLOCK_N=bn)
     r = build(fn, types, ce, 8, 3, sass_ops=("MUFU.EX2", "FFMA", "FADD"))
     sass = r.pop("sass")
     out.append({"case": [d, bm, bn, mode], **r, "ex2": sass["MUFU.EX2"],

@@ -13,7 +13,7 @@ import os
 
 import pytest
 import torch
-from adaattn_kernels import attention_reference
+from adaattn_kernels import attention, attention_reference
 from adaattn_kernels.hybrid import (
     HybridPlan,
     build_far_field,
@@ -91,6 +91,23 @@ def test_mixed_plan_rectangular(sq, sk, causal):
     # (90, 40, bottom-right): the first 50 queries see no key -> output 0, lse -inf.
     q, k, v = _inputs(1, 4, 2, sq, sk, 32, torch.float16, seed=sq + sk)
     _check_against_reference(q, k, v, _mixed_plan(sk), causal, TOL[torch.float16])
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_mixed_plan_exact_heads_run_the_dense_kernel(causal):
+    # 16-bit mixed plans send their exact heads to the dense kernel (a launch over those heads
+    # only, into the same output): bit-identical to the dense kernel on every head, batch 2.
+    q, k, v = _inputs(2, 6, 3, 70, 70, 32, torch.float16, seed=9)
+    ex = torch.tensor(
+        [[True, False, False, True, False, True], [False, True, True, False, False, False]]
+    )
+    plan = HybridPlan.build(2, 6, seq_len_k=70, window=8, rank=10, sinks=2, exact=ex, device=DEV)
+    out, lse = hybrid_attention(q, k, v, plan, causal=causal, return_lse=True, backend="triton")
+    dense, dense_lse = attention(q, k, v, causal=causal, return_lse=True, backend="triton")
+    assert torch.equal(out[ex], dense[ex])
+    assert torch.equal(lse[ex], dense_lse[ex])
+    assert not torch.equal(out[~ex], dense[~ex])  # the hybrid heads are approximations
+    _check_against_reference(q, k, v, plan, causal, TOL[torch.float16])
 
 
 def test_mixed_plan_fp32_tight():

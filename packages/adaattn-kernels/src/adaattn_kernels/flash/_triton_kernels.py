@@ -364,6 +364,7 @@ def _fwd_kernel(
     Mask,
     Out,
     Lse,
+    HeadIdx,
     desc_k,
     desc_v,
     stride_qb,
@@ -396,6 +397,7 @@ def _fwd_kernel(
     MASK_KIND: tl.constexpr,
     USE_TMA: tl.constexpr,
     EXP2_MODE: tl.constexpr,
+    HEAD_LIST: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
@@ -403,7 +405,9 @@ def _fwd_kernel(
     if CAUSAL:
         # Heaviest blocks (most keys) first: evens out the tail of the launch.
         pid_m = tl.num_programs(0) - 1 - pid_m
-    pid_bh = tl.program_id(1)
+    # HEAD_LIST: only the listed flattened (batch, head) indices (a mixed hybrid plan's exact
+    # heads); otherwise every head of the grid.
+    pid_bh = tl.load(HeadIdx + tl.program_id(1)) if HEAD_LIST else tl.program_id(1)
     off_b = (pid_bh // heads_q).to(tl.int64)
     off_h = (pid_bh % heads_q).to(tl.int64)
     off_hk = off_h // group

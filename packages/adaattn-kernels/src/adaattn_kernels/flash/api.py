@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from adaattn_kernels._triton import runs_triton, triton_installed
+from adaattn_kernels._triton import interpreting, runs_triton, triton_installed
 from adaattn_kernels._validation import (
     AttentionShape,
     CausalArg,
@@ -44,6 +44,13 @@ def triton_unsupported_reason(
         return (
             f"`q` has dtype {q.dtype}; the Triton backend supports float16 and bfloat16 — cast "
             "the inputs or use backend='reference'"
+        )
+    if q.dtype == torch.bfloat16 and q.device.type == "cpu" and interpreting():
+        # The interpreter returns garbage for this kernel in bfloat16 (Triton 3.6, NumPy has no
+        # bfloat16); compiled GPU kernels are unaffected.
+        return (
+            "the Triton interpreter cannot run the dense kernel in bfloat16; use float16 inputs "
+            "on CPU, a CUDA device, or backend='reference'"
         )
     if shape.head_dim not in TRITON_HEAD_DIMS:
         return (

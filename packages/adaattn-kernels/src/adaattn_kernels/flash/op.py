@@ -100,17 +100,25 @@ def forward_launch(
     scale: float,
     *,
     use_tma: bool | None = None,
+    head_idx: torch.Tensor | None = None,
+    out: torch.Tensor | None = None,
+    lse: torch.Tensor | None = None,
 ) -> tuple[tuple[Any, ...], dict[str, Any], torch.Tensor, torch.Tensor]:
     """Positional args, constexpr kwargs and outputs of one ``_fwd_kernel`` launch.
 
     Shared by the op and by ``tools/bench/tune_flash.py`` (which launches the un-tuned kernel
     with explicit tile sizes). ``q``, ``k``, ``v`` must have a contiguous last dimension.
+    ``head_idx`` (int32, flattened ``b·H + h``) restricts the launch to those heads, writing into
+    the given ``out`` / ``lse`` (allocated here when ``None``); the grid's second dimension is then
+    ``len(head_idx)``.
     """
     from adaattn_kernels.flash._triton_kernels import seq_bucket
 
     shp = _shape(q, k)
-    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-    lse = torch.empty((shp.batch, shp.heads_q, shp.seq_q), dtype=torch.float32, device=q.device)
+    if out is None:
+        out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    if lse is None:
+        lse = torch.empty((shp.batch, shp.heads_q, shp.seq_q), dtype=torch.float32, device=q.device)
     m, ms, kind = _mask_args(mask, shp, q)
     tma = _use_tma(q, k, v, shp.head_dim) if use_tma is None else use_tma
     desc_k: Any = k
@@ -123,7 +131,7 @@ def forward_launch(
         desc_k = TensorDescriptor(k.view(rows, d), [rows, d], [d, 1], [64, d])
         desc_v = TensorDescriptor(v.view(rows, d), [rows, d], [d, 1], [64, d])
     args = (
-        q, k, v, m, out, lse, desc_k, desc_v,
+        q, k, v, m, out, lse, lse if head_idx is None else head_idx, desc_k, desc_v,
         q.stride(0), q.stride(1), q.stride(2),
         k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2),
@@ -140,6 +148,7 @@ def forward_launch(
         "MASK_KIND": kind,
         "USE_TMA": tma,
         "EXP2_MODE": _exp2_mode(),
+        "HEAD_LIST": head_idx is not None,
     }
     return args, kwargs, out, lse
 
@@ -151,12 +160,19 @@ def _run_forward(
     mask: torch.Tensor | None,
     causal_mode: int,
     scale: float,
+    *,
+    head_idx: torch.Tensor | None = None,
+    out: torch.Tensor | None = None,
+    lse: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """One dense forward launch; ``head_idx`` / ``out`` / ``lse`` as in :func:`forward_launch`."""
     from adaattn_kernels.flash._triton_kernels import _fwd_kernel
 
     q, k, v = _last_dim_contiguous(q), _last_dim_contiguous(k), _last_dim_contiguous(v)
-    args, kwargs, out, lse = forward_launch(q, k, v, mask, causal_mode, scale)
-    batch_heads = q.shape[0] * q.shape[1]
+    args, kwargs, out, lse = forward_launch(
+        q, k, v, mask, causal_mode, scale, head_idx=head_idx, out=out, lse=lse
+    )
+    batch_heads = q.shape[0] * q.shape[1] if head_idx is None else head_idx.numel()
     grid = lambda meta: (triton_cdiv(q.shape[2], meta["BLOCK_M"]), batch_heads)
     with torch.cuda.device(q.device) if q.is_cuda else contextlib.nullcontext():
         _fwd_kernel[grid](*args, **kwargs)

@@ -143,7 +143,7 @@ def hybrid_attention(
 
         out, lse = hybrid_attention_op(
             q, k, v, plan.window, plan.sinks, plan.segment, plan.head_order, mode, s,
-            plan.max_segments(shape.seq_k), plan.kind,
+            plan.max_segments(shape.seq_k), plan.kind, plan.num_exact,
         )  # fmt: skip
     else:
         out, lse = _reference_forward(q, k, v, plan, mode, s)

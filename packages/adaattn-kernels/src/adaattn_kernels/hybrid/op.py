@@ -4,16 +4,20 @@
   fused pooling kernel: segment means of K and V per query head, ``(B, Hq, nseg_max, D)`` in the
   input dtype, ``O(Sk · D)`` work per head.
 * ``adaattn::hybrid_attention(q, k, v, window, sinks, segment, head_order, causal_mode, scale,
-  nseg_max, plan_kind) -> (out, lse)`` — pools the far field once, then runs every head (exact or
-  hybrid) in one launch of the forward kernel.
+  nseg_max, plan_kind, num_exact) -> (out, lse)`` — pools the far field once, then runs every
+  head (exact or hybrid) in one launch of the forward kernel. With 16-bit inputs, exact heads
+  go to the dense kernel instead: an all-exact plan is one dense launch, and a mixed plan adds a
+  dense launch over its exact heads only, into the same output, so each launch runs the tile
+  tuned for its kind of head.
 
 Both have fake (meta) implementations, so they trace under ``torch.compile(fullgraph=True)``.
 ``hybrid_attention`` has an autograd formula that differentiates the plain-PyTorch reference on
 the saved inputs (float32, memory ``O(Sq · Sk)`` per head in the backward only): correct
 gradients for fine-tuning and tests, not a fused backward kernel. ``causal_mode`` is a
 ``CAUSAL_*`` code of :mod:`adaattn_kernels._validation`; ``head_order``, ``nseg_max`` and
-``plan_kind`` are :attr:`HybridPlan.head_order`, ``HybridPlan.max_segments(Sk)`` and
-:attr:`HybridPlan.kind` (an autotuning key);
+``plan_kind`` / ``num_exact`` are :attr:`HybridPlan.head_order`,
+``HybridPlan.max_segments(Sk)``, :attr:`HybridPlan.kind` (an autotuning key) and
+:attr:`HybridPlan.num_exact`;
 inputs are assumed validated by :func:`adaattn_kernels.hybrid.hybrid_attention`.
 """
 
@@ -71,6 +75,17 @@ def _launch_pool(
     return kp, vp
 
 
+def _dense_runs_exact_heads(q: torch.Tensor, num_exact: int) -> bool:
+    """Whether the dense forward kernel takes these heads.
+
+    16-bit inputs (its head dims include ours; bfloat16 not under the interpreter, see
+    :func:`adaattn_kernels.flash.api.triton_unsupported_reason`) and at most 65,535 heads (the
+    grid's second dimension).
+    """
+    dtypes = (torch.float16,) if q.device.type == "cpu" else (torch.float16, torch.bfloat16)
+    return q.dtype in dtypes and 0 < num_exact <= 65535
+
+
 def _launch_forward(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -83,21 +98,34 @@ def _launch_forward(
     scale: float,
     nseg_max: int,
     plan_kind: int,
+    num_exact: int,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     import triton
 
+    from adaattn_kernels.flash.op import _run_forward
     from adaattn_kernels.hybrid._kernels import _INTERPRET, _hybrid_fwd_kernel, seq_bucket
 
     q, k, v = _last_dim_contiguous(q), _last_dim_contiguous(k), _last_dim_contiguous(v)
     b, hq, sq, d = q.shape
     hkv, sk = k.shape[1], k.shape[2]
     window, sinks, segment = window.contiguous(), sinks.contiguous(), segment.contiguous()
+    if plan_kind == 0 and _dense_runs_exact_heads(q, b * hq):
+        return _run_forward(q, k, v, None, causal_mode, scale)  # every head exact: dense kernel
     kp, vp = _launch_pool(k, v, segment, hq, nseg_max, zero=False)
     if nseg_max == 0:  # every head exact: the pooled pointers are never dereferenced
         kp, vp = k, v
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     lse = torch.empty((b, hq, sq), dtype=torch.float32, device=q.device)
-    grid = lambda meta: (b * hq * triton.cdiv(sq, meta["BLOCK_M"]),)
+    heads = b * hq
+    if plan_kind == 2 and _dense_runs_exact_heads(q, num_exact):
+        # head_order lists the exact heads first: those go to the dense kernel, the rest to
+        # the hybrid kernel tuned for all-hybrid plans.
+        _run_forward(
+            q, k, v, None, causal_mode, scale,
+            head_idx=head_order[:num_exact], out=out, lse=lse,
+        )  # fmt: skip
+        head_order, plan_kind, heads = head_order[num_exact:], 1, heads - num_exact
+    grid = lambda meta: (heads * triton.cdiv(sq, meta["BLOCK_M"]),)
     with _device_ctx(q):
         _hybrid_fwd_kernel[grid](
             q, k, v, kp, vp, out, lse,
@@ -147,11 +175,13 @@ def hybrid_attention_op(
     scale: float,
     nseg_max: int,
     plan_kind: int,
+    num_exact: int,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Hybrid attention forward ``(out, lse)`` with per-(batch, head) int32 plan tensors."""
     return _launch_forward(
-        q, k, v, window, sinks, segment, head_order, causal_mode, scale, nseg_max, plan_kind
-    )
+        q, k, v, window, sinks, segment, head_order, causal_mode, scale, nseg_max, plan_kind,
+        num_exact,
+    )  # fmt: skip
 
 
 @hybrid_attention_op.register_fake
@@ -167,13 +197,14 @@ def _hybrid_attention_fake(
     scale: float,
     nseg_max: int,
     plan_kind: int,
+    num_exact: int,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     b, hq, sq, _ = q.shape
     return torch.empty_like(q), q.new_empty((b, hq, sq), dtype=torch.float32)
 
 
 def _setup_context(ctx: Any, inputs: tuple[Any, ...], output: Any) -> None:
-    q, k, v, window, sinks, segment, _, causal_mode, scale, _, _ = inputs
+    q, k, v, window, sinks, segment, _, causal_mode, scale, _, _, _ = inputs
     ctx.save_for_backward(q, k, v, window, sinks, segment)
     ctx.causal_mode = causal_mode
     ctx.scale = scale
@@ -200,7 +231,7 @@ def _backward(ctx: Any, grad_out: torch.Tensor, grad_lse: torch.Tensor | None) -
     dq = next(got).to(q.dtype) if q_.requires_grad else None
     dk = next(got).to(k.dtype) if k_.requires_grad else None
     dv = next(got).to(v.dtype) if v_.requires_grad else None
-    return dq, dk, dv, None, None, None, None, None, None, None, None
+    return dq, dk, dv, None, None, None, None, None, None, None, None, None
 
 
 hybrid_attention_op.register_autograd(_backward, setup_context=_setup_context)
