@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import time
 from typing import Any
 
 import torch
@@ -79,6 +80,14 @@ def run_case(
     }
     row["hybrid_ms"] = median_ms(lambda: hybrid_attention(q, k, v, plan, causal=causal))
     row["hybrid_ms_again"] = median_ms(lambda: hybrid_attention(q, k, v, plan, causal=causal))
+    # Host time per call: enqueue 50 calls back to back (no sync between) and time the loop. A
+    # call whose host time exceeds its GPU time is launch-bound at this size.
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(50):
+        hybrid_attention(q, k, v, plan, causal=causal)
+    row["host_us_per_call"] = (time.perf_counter() - t0) / 50 * 1e6
+    torch.cuda.synchronize()
     row["pool_ms"] = median_ms(lambda: build_far_field(k, v, plan))
     all_configs = list(tuner.configs)
     try:
@@ -157,6 +166,7 @@ def main() -> None:
                 f"seq={args.seq} d={d} causal={causal!s:5} dense={row['dense_ms']:.3f} "
                 f"hybrid={row['hybrid_ms']:.3f} pool={row['pool_ms']:.3f} "
                 f"speedup={row['speedup']:.2f} again={row['hybrid_ms_again']:.3f} "
+                f"host={row['host_us_per_call']:.0f}us "
                 f"chose={row['autotune_choice']} tuner={row['autotune_timings_ms']}",
                 flush=True,
             )

@@ -120,7 +120,18 @@ def test_torch_compile_fullgraph():
     @torch.compile(fullgraph=True)
     def f(q, k, v, window, sinks, segment, order):
         return torch.ops.adaattn.hybrid_attention(
-            q, k, v, window, sinks, segment, order, 2, 0.125, plan.max_segments(512), plan.kind
+            q,
+            k,
+            v,
+            window,
+            sinks,
+            segment,
+            order,
+            2,
+            0.125,
+            plan.max_segments(512),
+            plan.kind,
+            plan.num_exact,
         )[0]
 
     out = f(q, k, v, plan.window, plan.sinks, plan.segment, plan.head_order)
@@ -134,7 +145,7 @@ def test_opcheck():
     q, k, v = _inputs(1, 2, 1, 128, 128, 64, torch.float16, seed=8)
     plan = _plan(1, 2, 128, seed=9)
     args = (q, k, v, plan.window, plan.sinks, plan.segment, plan.head_order, 2, 0.125,
-            plan.max_segments(128), plan.kind)  # fmt: skip
+            plan.max_segments(128), plan.kind, plan.num_exact)  # fmt: skip
     torch.library.opcheck(hybrid_attention_op, args, test_utils=("test_schema", "test_faketensor"))
 
 

@@ -27,3 +27,15 @@ def triton_installed() -> bool:
 def runs_triton(t: torch.Tensor) -> bool:
     """Whether a Triton kernel can take ``t``: on CUDA, or on CPU under the interpreter."""
     return t.is_cuda or (t.device.type == "cpu" and interpreting())
+
+
+def eager_inference(*tensors: torch.Tensor) -> bool:
+    """Whether a kernel call may skip its custom op and launch directly.
+
+    True outside ``torch.compile`` tracing when no input needs a gradient. The custom ops exist
+    for autograd and for tracing; their dispatch costs ~25 us of host time per call, as much as
+    the whole GPU work of a short launch, so eager inference goes around them.
+    """
+    if torch.compiler.is_compiling():
+        return False
+    return not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors))

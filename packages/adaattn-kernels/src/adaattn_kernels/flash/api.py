@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from adaattn_kernels._triton import interpreting, runs_triton, triton_installed
+from adaattn_kernels._triton import eager_inference, interpreting, runs_triton, triton_installed
 from adaattn_kernels._validation import (
     AttentionShape,
     CausalArg,
@@ -145,9 +145,10 @@ def attention(
             q.device.type == "cuda" and triton_unsupported_reason(q, shape, attn_mask) is None
         )
     if use_triton:
-        from adaattn_kernels.flash.op import flash_attention_op
+        from adaattn_kernels.flash.op import _run_forward, flash_attention_op
 
-        out, lse = flash_attention_op(q, k, v, attn_mask, mode, s)
+        launch = _run_forward if eager_inference(q, k, v) else flash_attention_op
+        out, lse = launch(q, k, v, attn_mask, mode, s)
     else:
         out, lse = _reference_forward(q, k, v, attn_mask, mode, s)
     return (out, lse) if return_lse else out

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from adaattn_kernels._triton import runs_triton, triton_installed
+from adaattn_kernels._triton import eager_inference, runs_triton, triton_installed
 from adaattn_kernels._validation import (
     AttentionShape,
     CausalArg,
@@ -139,12 +139,14 @@ def hybrid_attention(
     mode = normalize_causal(causal)
     s = resolve_scale(scale, shape.head_dim)
     if _use_triton(backend, q, shape):
-        from adaattn_kernels.hybrid.op import hybrid_attention_op
+        from adaattn_kernels.hybrid.op import _launch_forward, hybrid_attention_op
 
-        out, lse = hybrid_attention_op(
+        args = (
             q, k, v, plan.window, plan.sinks, plan.segment, plan.head_order, mode, s,
             plan.max_segments(shape.seq_k), plan.kind, plan.num_exact,
         )  # fmt: skip
+        launch = _launch_forward if eager_inference(q, k, v) else hybrid_attention_op
+        out, lse = launch(*args)
     else:
         out, lse = _reference_forward(q, k, v, plan, mode, s)
     return (out, lse) if return_lse else out
