@@ -1,0 +1,105 @@
+"""Host (CPU) time per call of the attention entry points, and where it goes (cProfile).
+
+    python -m tools.bench.profile_host [--qkv .carry/qkv/smollm2_L03.pt] [--top 25]
+
+A call whose host time exceeds its GPU time is launch-bound: the GPU waits for Python. For each
+case this prints the GPU time (median, CUDA events), the host time per call (50 calls enqueued
+back to back, no synchronisation between them) and the functions with the most own time over
+200 calls. Cases (bf16, causal): the dense kernel and the hybrid kernel (all-hybrid and
+half/half plans) at 16 heads x 8192 x 64, and, with ``--qkv``, a cached adaptive layer
+(``adaattn.AdaptiveAttention``, ``replan="per_bucket"``) on captured SmolLM2 q/k/v. Writes
+``$ADAATTN_RESULTS/profile_host.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import io
+import pstats
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from tools.bench.common import median_ms, write_results
+
+
+def _host_us(fn: Callable[[], Any], calls: int = 50) -> float:
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    elapsed = time.perf_counter() - t0
+    torch.cuda.synchronize()
+    return elapsed / calls * 1e6
+
+
+def _top(fn: Callable[[], Any], top: int, calls: int = 200) -> str:
+    prof = cProfile.Profile()
+    prof.enable()
+    for _ in range(calls):
+        fn()
+    prof.disable()
+    torch.cuda.synchronize()
+    buf = io.StringIO()
+    pstats.Stats(prof, stream=buf).sort_stats("tottime").print_stats(top)
+    return buf.getvalue()
+
+
+def _cases(qkv: str | None) -> dict[str, Callable[[], Any]]:
+    import adaattn_kernels
+    from adaattn_kernels.hybrid import HybridPlan, hybrid_attention
+
+    heads, seq, d = 16, 8192, 64
+    g = torch.Generator(device="cuda").manual_seed(0)
+    q, k, v = (
+        torch.randn(1, heads, seq, d, device="cuda", dtype=torch.bfloat16, generator=g)
+        for _ in range(3)
+    )
+    hyb = HybridPlan.uniform(1, heads, seq_len_k=seq, window=512, rank=128, sinks=4, device="cuda")
+    mixed = HybridPlan.build(
+        1, heads, seq_len_k=seq, window=512, rank=128, sinks=4,
+        exact=(torch.arange(heads) % 2 == 0)[None, :], device="cuda",
+    )  # fmt: skip
+    cases: dict[str, Callable[[], Any]] = {
+        "dense 16x8192x64": lambda: adaattn_kernels.attention(q, k, v, causal=True),
+        "hybrid all 16x8192x64": lambda: hybrid_attention(q, k, v, hyb, causal=True),
+        "hybrid half 16x8192x64": lambda: hybrid_attention(q, k, v, mixed, causal=True),
+    }
+    if qkv:
+        from adaattn import AdaAttnConfig, AdaptiveAttention
+
+        data = torch.load(qkv, map_location="cuda", weights_only=False)
+        cq, ck, cv = (data[n] for n in ("q", "k", "v"))  # float16, as captured
+        config = AdaAttnConfig.adaptive(0.02, policy="balanced", replan="per_bucket", min_seq_len=0)
+        layer = AdaptiveAttention(config, layer_idx=0)
+        call = lambda: layer(cq, ck, cv, is_causal=True, enable_gqa=True)
+        call()  # plans once; later calls reuse the plan
+        plan = layer.plan
+        name = f"adaptive cached {tuple(cq.shape)} {plan.mode_counts() if plan else ''}"
+        cases[name] = call
+    return cases
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--qkv", help="a q/k/v capture of tools/capture_qkv.py (.carry/qkv/*.pt)")
+    ap.add_argument("--top", type=int, default=25)
+    args = ap.parse_args()
+    if not torch.cuda.is_available():
+        raise SystemExit("profile_host needs a CUDA GPU")
+    rows = []
+    with torch.no_grad():
+        for name, fn in _cases(args.qkv).items():
+            fn()
+            row = {"case": name, "gpu_ms": median_ms(fn), "host_us_per_call": _host_us(fn)}
+            print(f"=== {name}: gpu {row['gpu_ms']:.3f} ms, host {row['host_us_per_call']:.0f} us")
+            print(_top(fn, args.top), flush=True)
+            rows.append(row)
+    write_results("profile_host", rows)
+
+
+if __name__ == "__main__":
+    main()
