@@ -7,7 +7,7 @@ from typing import Literal
 import torch
 from adaattn_precision import DeviceCapability, triton_available
 
-from adaattn_kernels._triton import interpreting
+from adaattn_kernels._triton import eager_inference, interpreting
 from adaattn_kernels._validation import (
     AttentionShape,
     CausalArg,
@@ -210,9 +210,10 @@ def fp8_attention(
         reason = fp8_unsupported_reason(q, shape, check_device=not torch.compiler.is_compiling())
         if reason is not None:
             raise ValueError(f"fp8_attention (backend={backend!r}) cannot run: {reason}")
-        from adaattn_kernels.fp8.op import fp8_attention_op
+        from adaattn_kernels.fp8.op import _run, fp8_attention_op
 
-        out, lse = fp8_attention_op(
+        launch = _run if eager_inference(q, k, v) else fp8_attention_op
+        out, lse = launch(
             q, k, v, mode, tau, pv_dtype == "fp8", granularity, block_size, qk_dtype == "int8",
             outlier_channels,
         )  # fmt: skip
