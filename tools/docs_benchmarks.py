@@ -4,7 +4,8 @@ Usage: ``python tools/docs_benchmarks.py``. Writes ``docs/benchmarks/index.md`` 
 one section per ``results/*.json`` file: the environment it was measured in, the command that
 reproduces it, a table of its rows, and its plot (``results/<name>.png`` copied next to the
 page) where one exists, plus ``headline.md`` (the home page's numbers) and
-``fp8_error_table.md`` (the FP8 guide's tables). Nothing on the pages is typed by hand.
+``fp8_error_table.md`` (the FP8 guide's tables) and ``hybrid_speed_table.md`` (the hybrid guide's
+speed table). Nothing on the pages is typed by hand.
 """
 
 from __future__ import annotations
@@ -374,6 +375,37 @@ def quality_section(data: dict) -> str:
     return "\n".join(out) + "\n"
 
 
+def hybrid_speed_markdown(data: dict[str, Any]) -> str:
+    """The hybrid guide's speed table (``results/hybrid.json``), with where it was measured."""
+    env = data.get("environment", {})
+    lines = [
+        f"Measured on **{env.get('device', '?')}** on {env.get('date', '?')[:10]} (torch "
+        f"{env.get('torch', '?')}, Triton {env.get('triton', '—')}), "
+        f"{data['rows'][0]['heads'] if data.get('rows') else '?'} heads, "
+        f"{data['rows'][0]['dtype'] if data.get('rows') else '?'}, one run "
+        "(`python -m tools.bench.bench_hybrid`, `results/hybrid.json`):",
+        "",
+        "| seq | head_dim | causal | dense (ms) | SDPA cuDNN (ms) | all exact (ms) "
+        "| all hybrid (ms) | half/half (ms) | hybrid ÷ dense speedup | half/half ÷ all exact |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    ms = lambda r, n: _fmt_ms(r.get(f"{n}_ms"))
+    for r in data.get("rows", []):
+        speed, mixed = r.get("speedup_hybrid_vs_dense"), r.get("mixed_over_plan_exact")
+        lines.append(
+            f"| {r['seq']} | {r['head_dim']} | {'yes' if r['causal'] else 'no'} "
+            f"| {ms(r, 'dense')} | {ms(r, 'sdpa_cudnn')} | {ms(r, 'plan_exact')} "
+            f"| {ms(r, 'plan_hybrid')} | {ms(r, 'plan_mixed')} "
+            f"| {'—' if speed is None else f'{speed:.2f}'} "
+            f"| {'—' if mixed is None else f'{mixed:.3f}'} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def _fmt_ms(value: object) -> str:
+    return "—" if not isinstance(value, (int, float)) else f"{value:.3f}"
+
+
 def main() -> None:
     PAGE_DIR.mkdir(parents=True, exist_ok=True)
     parts = [INTRO]
@@ -414,6 +446,8 @@ def main() -> None:
     if "fp8_error_sim" in loaded:
         fp8_rows = loaded["fp8_error_sim"]["rows"]
         (PAGE_DIR / "fp8_error_table.md").write_text(fp8_error_markdown(fp8_rows))
+    if "hybrid" in loaded:
+        (PAGE_DIR / "hybrid_speed_table.md").write_text(hybrid_speed_markdown(loaded["hybrid"]))
     (PAGE_DIR / "headline.md").write_text(headline(loaded))
     print(f"wrote {PAGE_DIR / 'index.md'} from {len(files)} result files")
 
