@@ -80,7 +80,8 @@ def _kernel_headlines(results: dict[str, dict]) -> list[str]:
     fp8 = results.get("fp8")
     if fp8:
         rows = [r for r in fp8["rows"] if r["d"] == 128 and r["s"] >= 4096]
-        best = [max(r.get(m) or 0.0 for m in ("fp8", "int8", "int8_pv16")) for r in rows]
+        modes = ("fp8", "fp8_pv16", "int8", "int8_pv16", "int8_qtok_pv16")
+        best = [max(r.get(m) or 0.0 for m in modes) for r in rows]
         if rows and all(r.get("cudnn") for r in rows):
             sage = [b / r["sage1"] for b, r in zip(best, rows) if r.get("sage1")]
             sage_txt = f", {_span(sage)}× SageAttention 1" if sage else ""
