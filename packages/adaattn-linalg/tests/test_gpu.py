@@ -39,6 +39,7 @@ def _time_ms(fn, reps=3):
     return sorted(times)[len(times) // 2]
 
 
+@pytest.mark.timing
 def test_rsvd_batch_256_faster_and_as_accurate_as_svd_lowrank():
     dev = torch.device("cuda")
     a, s = _decaying_batch(256, 1024, dev)
