@@ -207,8 +207,8 @@ def _gpu_session(session: nox.Session, marker: str, extra_tests: tuple[str, ...]
             python, "-m", "pytest", "-m", f"({marker}) and not timing", *tests, *parallel,
             env=env, external=True,
         )  # fmt: skip
-        # Speed comparisons run alone: other workers sharing the card would distort them (and a
-        # batched cuSOLVER call time-sliced against them took 230 s instead of 18).
+        # Speed comparisons run alone: other workers sharing the card distort them (on an H100
+        # the rSVD comparison took 233 s among 4 workers, 11 s alone).
         session.run(
             python, "-m", "pytest", "-m", f"({marker}) and timing", *tests, *options,
             env=env, external=True, success_codes=[0, 5],  # 5: none among the given paths

@@ -390,7 +390,7 @@ def hybrid_speed_markdown(data: dict[str, Any]) -> str:
         "| all hybrid (ms) | half/half (ms) | hybrid ÷ dense speedup | half/half ÷ all exact |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
-    ms = lambda r, n: _fmt_ms(r.get(f"{n}_ms"))
+    ms = lambda r, n: _fmt(r.get(f"{n}_ms"))
     for r in data.get("rows", []):
         speed, mixed = r.get("speedup_hybrid_vs_dense"), r.get("mixed_over_plan_exact")
         lines.append(
@@ -401,10 +401,6 @@ def hybrid_speed_markdown(data: dict[str, Any]) -> str:
             f"| {'—' if mixed is None else f'{mixed:.3f}'} |"
         )
     return "\n".join(lines) + "\n"
-
-
-def _fmt_ms(value: object) -> str:
-    return "—" if not isinstance(value, (int, float)) else f"{value:.3f}"
 
 
 def main() -> None:

@@ -459,7 +459,7 @@ class Planner:
             return (
                 f"policy {policy.name!r}'s FP8 recipe asks {unsupported}, which the FP8 attention "
                 "kernel does not implement (it scales with margin 0, no power-of-two rounding, "
-                "K smoothed by its mean, blocks of at most 4096 tokens)"
+                "K smoothed by its mean)"
             )
         q = problem.q
         if q.device.type not in ("cuda", "cpu"):

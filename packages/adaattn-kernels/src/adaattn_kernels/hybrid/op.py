@@ -75,17 +75,6 @@ def _launch_pool(
     return kp, vp
 
 
-def _dense_runs_exact_heads(q: torch.Tensor, num_exact: int) -> bool:
-    """Whether the dense forward kernel takes these heads.
-
-    16-bit inputs (its head dims include ours; bfloat16 not under the interpreter, see
-    :func:`adaattn_kernels.flash.api.triton_unsupported_reason`) and at most 65,535 heads (the
-    grid's second dimension).
-    """
-    dtypes = (torch.float16,) if q.device.type == "cpu" else (torch.float16, torch.bfloat16)
-    return q.dtype in dtypes and 0 < num_exact <= 65535
-
-
 def _launch_forward(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -102,22 +91,25 @@ def _launch_forward(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     import triton
 
-    from adaattn_kernels.flash.op import _run_forward
+    from adaattn_kernels.flash.api import triton_unsupported_reason
+    from adaattn_kernels.flash.op import _run_forward, _shape
     from adaattn_kernels.hybrid._kernels import _INTERPRET, _hybrid_fwd_kernel, seq_bucket
 
     q, k, v = _last_dim_contiguous(q), _last_dim_contiguous(k), _last_dim_contiguous(v)
+    # Exact heads go to the dense kernel wherever it takes these inputs (its own check).
+    dense = plan_kind != 1 and triton_unsupported_reason(q, _shape(q, k), None) is None
+    if plan_kind == 0 and dense:
+        return _run_forward(q, k, v, None, causal_mode, scale)  # every head exact: dense kernel
     b, hq, sq, d = q.shape
     hkv, sk = k.shape[1], k.shape[2]
     window, sinks, segment = window.contiguous(), sinks.contiguous(), segment.contiguous()
-    if plan_kind == 0 and _dense_runs_exact_heads(q, b * hq):
-        return _run_forward(q, k, v, None, causal_mode, scale)  # every head exact: dense kernel
     kp, vp = _launch_pool(k, v, segment, hq, nseg_max, zero=False)
     if nseg_max == 0:  # every head exact: the pooled pointers are never dereferenced
         kp, vp = k, v
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     lse = torch.empty((b, hq, sq), dtype=torch.float32, device=q.device)
     heads = b * hq
-    if plan_kind == 2 and _dense_runs_exact_heads(q, num_exact):
+    if plan_kind == 2 and dense:
         # head_order lists the exact heads first: those go to the dense kernel, the rest to
         # the hybrid kernel tuned for all-hybrid plans.
         _run_forward(
