@@ -3,9 +3,11 @@
     python -m tools.bench.profile_host [--qkv .carry/qkv/smollm2_L03.pt] [--top 25]
 
 A call whose host time exceeds its GPU time is launch-bound: the GPU waits for Python. For each
-case this prints the GPU time (median, CUDA events), the host time per call (50 calls enqueued
-back to back, no synchronisation between them) and the functions with the most own time over
-200 calls. Cases (bf16, causal): the dense kernel and the hybrid kernel (all-hybrid and
+case this prints the eager time (median, CUDA events), the GPU time alone (CUDA-graph replay),
+the host time per call (50 calls enqueued back to back, no synchronisation between them) with
+replay of compiled kernels on (the default, ``adaattn_kernels._triton.KernelLauncher``) and off
+(Triton's own launch path), and the functions with the most own time over 200 calls.
+Cases (bf16, causal): the dense kernel and the hybrid kernel (all-hybrid and
 half/half plans) at 16 heads x 8192 x 64, and, with ``--qkv``, a cached adaptive layer
 (``adaattn.AdaptiveAttention``, ``replan="per_bucket"``) on captured SmolLM2 q/k/v. Writes
 ``$ADAATTN_RESULTS/profile_host.json``.
@@ -23,7 +25,7 @@ from typing import Any
 
 import torch
 
-from tools.bench.common import median_ms, write_results
+from tools.bench.common import graph_ms, median_ms, write_results
 
 
 def _host_us(fn: Callable[[], Any], calls: int = 50) -> float:
@@ -90,13 +92,28 @@ def main() -> None:
     args = ap.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("profile_host needs a CUDA GPU")
+    from adaattn_kernels._triton import set_replay
+
     rows = []
     with torch.no_grad():
         for name, fn in _cases(args.qkv).items():
             fn()
-            row = {"case": name, "gpu_ms": median_ms(fn), "host_us_per_call": _host_us(fn)}
-            print(f"=== {name}: gpu {row['gpu_ms']:.3f} ms, host {row['host_us_per_call']:.0f} us")
-            print(_top(fn, args.top), flush=True)
+            row: dict[str, Any] = {"case": name}
+            for replay in (False, True):
+                set_replay(replay)
+                fn()
+                tag = "" if replay else "_no_replay"
+                row[f"eager_ms{tag}"] = median_ms(fn)
+                row[f"host_us_per_call{tag}"] = _host_us(fn)
+            row["gpu_graph_ms"] = graph_ms(fn)
+            row["profile"] = _top(fn, args.top)
+            print(
+                f"=== {name}: eager {row['eager_ms']:.3f} ms (no replay "
+                f"{row['eager_ms_no_replay']:.3f}), graph {row['gpu_graph_ms'] or float('nan'):.3f}"
+                f" ms, host {row['host_us_per_call']:.0f} us (no replay "
+                f"{row['host_us_per_call_no_replay']:.0f})"
+            )
+            print(row["profile"], flush=True)
             rows.append(row)
     write_results("profile_host", rows)
 

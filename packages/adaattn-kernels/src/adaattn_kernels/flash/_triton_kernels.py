@@ -31,7 +31,7 @@ import os
 import triton
 import triton.language as tl
 
-from adaattn_kernels._triton import interpreting
+from adaattn_kernels._triton import KernelLauncher, interpreting
 
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
@@ -1126,3 +1126,10 @@ def _bwd_dq_kernel(
         dq.to(dQ.dtype.element_ty),
         mask=d_ok,
     )
+
+
+#: Launchers that replay the compiled kernels on repeat calls (see KernelLauncher).
+launch_fwd = KernelLauncher(_fwd_kernel)
+launch_bwd_delta = KernelLauncher(_bwd_delta_kernel)
+launch_bwd_dkdv = KernelLauncher(_bwd_dkdv_kernel)
+launch_bwd_dq = KernelLauncher(_bwd_dq_kernel)

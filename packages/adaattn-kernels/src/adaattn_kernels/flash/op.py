@@ -12,12 +12,12 @@ assumed validated by :func:`adaattn_kernels.attention`.
 """
 
 # No `from __future__ import annotations` here: custom_op infers the schema from annotations.
-import contextlib
 import os
 from typing import Any, Optional
 
 import torch
 
+from adaattn_kernels._triton import device_ctx
 from adaattn_kernels._validation import (
     CAUSAL_NONE,
     AttentionShape,
@@ -166,7 +166,7 @@ def _run_forward(
     lse: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One dense forward launch; ``head_idx`` / ``out`` / ``lse`` as in :func:`forward_launch`."""
-    from adaattn_kernels.flash._triton_kernels import _fwd_kernel
+    from adaattn_kernels.flash._triton_kernels import launch_fwd
 
     q, k, v = _last_dim_contiguous(q), _last_dim_contiguous(k), _last_dim_contiguous(v)
     args, kwargs, out, lse = forward_launch(
@@ -174,8 +174,8 @@ def _run_forward(
     )
     batch_heads = q.shape[0] * q.shape[1] if head_idx is None else head_idx.numel()
     grid = lambda meta: (triton_cdiv(q.shape[2], meta["BLOCK_M"]), batch_heads)
-    with torch.cuda.device(q.device) if q.is_cuda else contextlib.nullcontext():
-        _fwd_kernel[grid](*args, **kwargs)
+    with device_ctx(q):
+        launch_fwd(grid, *args, **kwargs)
     return out, lse
 
 
@@ -192,9 +192,9 @@ def _run_backward(
     scale: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     from adaattn_kernels.flash._triton_kernels import (
-        _bwd_delta_kernel,
-        _bwd_dkdv_kernel,
-        _bwd_dq_kernel,
+        launch_bwd_delta,
+        launch_bwd_dkdv,
+        launch_bwd_dq,
         seq_bucket,
     )
 
@@ -214,9 +214,10 @@ def _run_backward(
     diag = causal_offset(causal_mode, shp.seq_q, shp.seq_k)
     causal = causal_mode != CAUSAL_NONE
     buckets = (seq_bucket(shp.seq_q), seq_bucket(shp.seq_k))
-    with torch.cuda.device(q.device) if q.is_cuda else contextlib.nullcontext():
+    with device_ctx(q):
         block = 64 if bd <= 128 else 32
-        _bwd_delta_kernel[(triton_cdiv(shp.seq_q, block), shp.batch * shp.heads_q)](
+        launch_bwd_delta(
+            (triton_cdiv(shp.seq_q, block), shp.batch * shp.heads_q),
             out, do, dlse_t, delta,
             out.stride(0), out.stride(1), out.stride(2),
             do.stride(0), do.stride(1), do.stride(2),
@@ -224,7 +225,8 @@ def _run_backward(
             HEAD_DIM=shp.head_dim, BLOCK_D=bd, HAS_DLSE=has_dlse, BLOCK_M=block,
         )  # fmt: skip
         grid_kv = lambda meta: (triton_cdiv(shp.seq_k, meta["BLOCK_N"]), shp.batch * shp.heads_kv)
-        _bwd_dkdv_kernel[grid_kv](
+        launch_bwd_dkdv(
+            grid_kv,
             q, k, v, m, do, lse, delta, dk, dv,
             q.stride(0), q.stride(1), q.stride(2),
             k.stride(0), k.stride(1), k.stride(2),
@@ -238,7 +240,8 @@ def _run_backward(
             HEAD_DIM=shp.head_dim, BLOCK_D=bd, CAUSAL=causal, MASK_KIND=kind,
         )  # fmt: skip
         grid_q = lambda meta: (triton_cdiv(shp.seq_q, meta["BLOCK_M"]), shp.batch * shp.heads_q)
-        _bwd_dq_kernel[grid_q](
+        launch_bwd_dq(
+            grid_q,
             q, k, v, m, do, lse, delta, dq,
             q.stride(0), q.stride(1), q.stride(2),
             k.stride(0), k.stride(1), k.stride(2),

@@ -56,7 +56,7 @@ import numpy as np
 import triton
 import triton.language as tl
 
-from adaattn_kernels._triton import interpreting
+from adaattn_kernels._triton import KernelLauncher, interpreting
 from adaattn_kernels.fp8.quant import kernel_tile_n
 
 _INTERPRET = interpreting()  # fixed at import, as Triton itself reads the flag
@@ -531,3 +531,9 @@ def _fp8_attn_fwd_kernel(
     lse = tl.where(empty, float("-inf"), lse)
     tl.store(Lse + pid_bh.to(tl.int64) * SEQ_Q + offs_m, lse, mask=rmask)
 # fmt: on
+
+
+#: Launchers that replay the compiled kernels on repeat calls (see KernelLauncher).
+launch_quant_rows = KernelLauncher(_quant_rows_kernel)
+launch_quant_channels_t = KernelLauncher(_quant_channels_t_kernel)
+launch_fwd = KernelLauncher(_fp8_attn_fwd_kernel)

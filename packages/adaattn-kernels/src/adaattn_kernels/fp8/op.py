@@ -12,10 +12,9 @@ forward-only (no autograd formula): FP8 attention is an inference path. ``causal
 # No `from __future__ import annotations` here: custom_op infers the schema from annotations.
 import torch
 
-from adaattn_kernels._triton import interpreting
+from adaattn_kernels._triton import device_ctx, interpreting
 from adaattn_kernels._validation import CAUSAL_NONE, causal_offset
 from adaattn_kernels.fp8.quant import (
-    _device_ctx,
     _unit_last_stride,
     quantize_channels_t,
     quantize_rows,
@@ -48,7 +47,7 @@ def _run(
     from triton.tools.tensor_descriptor import TensorDescriptor
 
     from adaattn_kernels.flash._triton_kernels import seq_bucket
-    from adaattn_kernels.fp8._triton_kernels import BLOCK_N, PAD, _fp8_attn_fwd_kernel
+    from adaattn_kernels.fp8._triton_kernels import BLOCK_N, PAD, launch_fwd
 
     q, k = _unit_last_stride(q), _unit_last_stride(k)
     b, hq, sq, d = q.shape
@@ -100,8 +99,9 @@ def _run(
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     lse = torch.empty((b, hq, sq), dtype=torch.float32, device=q.device)
     grid = lambda meta: (-(-sq // meta["BLOCK_M"]), b * hq)
-    with _device_ctx(q):
-        _fp8_attn_fwd_kernel[grid](
+    with device_ctx(q):
+        launch_fwd(
+            grid,
             q, q8, qs, desc_k, ks, mu.contiguous(), desc_v, vs, out, lse, qhi_idx, khi,
             q.stride(0), q.stride(1), q.stride(2),
             out.stride(0), out.stride(1), out.stride(2),

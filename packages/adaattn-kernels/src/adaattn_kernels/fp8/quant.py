@@ -14,12 +14,9 @@ per-channel scales.
 
 from __future__ import annotations
 
-import contextlib
-from typing import Any
-
 import torch
 
-from adaattn_kernels._triton import interpreting, runs_triton
+from adaattn_kernels._triton import device_ctx, interpreting, runs_triton
 
 __all__ = ["TRITON_GRANULARITIES", "kernel_tile_n", "quantize_fp8_triton", "quantize_int8_triton"]
 
@@ -37,11 +34,6 @@ def kernel_tile_n() -> int:
     replays the same tiles.
     """
     return 32 if interpreting() else 128
-
-
-def _device_ctx(t: torch.Tensor) -> contextlib.AbstractContextManager[Any]:
-    """Make ``t``'s GPU current while launching (Triton launches on the current device)."""
-    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
 
 
 def _pow2_at_least(n: int, lo: int = 16) -> int:
@@ -116,7 +108,7 @@ def quantize_rows(
         ``(xq, scale)``: contiguous e4m3 (or int8) ``(B, H, S_pad, D)`` and float32
         ``(B, H, n_groups)``.
     """
-    from adaattn_kernels.fp8._triton_kernels import _quant_rows_kernel
+    from adaattn_kernels.fp8._triton_kernels import launch_quant_rows
 
     x = _unit_last_stride(x)
     b, h, s, d = x.shape
@@ -138,8 +130,9 @@ def quantize_rows(
     else:
         rows = min(32, _pow2_at_least(qblock, 1))
         grid = (n_groups, b * h)
-    with _device_ctx(x):
-        _quant_rows_kernel[grid](
+    with device_ctx(x):
+        launch_quant_rows(
+            grid,
             x, mu, xq, scale,
             x.stride(0), x.stride(1), x.stride(2),
             *mstrides,
@@ -158,7 +151,7 @@ def quantize_channels_t(v: torch.Tensor, *, pad_to: int = 1) -> tuple[torch.Tens
         multiple of ``pad_to``) and float32 ``(B, H, D)`` — the numbers of
         ``quantize_fp8(v.transpose(-1, -2), granularity="token")``.
     """
-    from adaattn_kernels.fp8._triton_kernels import _quant_channels_t_kernel
+    from adaattn_kernels.fp8._triton_kernels import launch_quant_channels_t
 
     v = _unit_last_stride(v)
     b, h, s, d = v.shape
@@ -170,8 +163,9 @@ def quantize_channels_t(v: torch.Tensor, *, pad_to: int = 1) -> tuple[torch.Tens
         vqt[..., s:].view(torch.uint8).zero_()
     scale = torch.empty((b, h, d), dtype=torch.float32, device=v.device)
     rows = 64
-    with _device_ctx(v):
-        _quant_channels_t_kernel[(-(-s // rows), b * h)](
+    with device_ctx(v):
+        launch_quant_channels_t(
+            (-(-s // rows), b * h),
             v, amax, vqt, scale,
             v.stride(0), v.stride(1), v.stride(2),
             h, s, sp,

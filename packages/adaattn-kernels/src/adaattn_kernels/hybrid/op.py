@@ -27,6 +27,7 @@ from typing import Any
 
 import torch
 
+from adaattn_kernels._triton import device_ctx
 from adaattn_kernels._validation import CAUSAL_NONE, causal_offset
 
 __all__ = ["far_field_op", "hybrid_attention_op"]
@@ -42,10 +43,6 @@ def _last_dim_contiguous(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
-def _device_ctx(t: torch.Tensor) -> Any:
-    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
-
-
 def _launch_pool(
     k: torch.Tensor,
     v: torch.Tensor,
@@ -54,7 +51,7 @@ def _launch_pool(
     nseg_max: int,
     zero: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    from adaattn_kernels.hybrid._kernels import _INTERPRET, _pool_kernel
+    from adaattn_kernels.hybrid._kernels import _INTERPRET, launch_pool
 
     k, v = _last_dim_contiguous(k), _last_dim_contiguous(v)
     b, hkv, sk, d = k.shape
@@ -64,8 +61,9 @@ def _launch_pool(
     vp = alloc((b, heads_q, nseg_max, d), dtype=v.dtype, device=v.device)
     if nseg_max == 0:
         return kp, vp
-    with _device_ctx(k):
-        _pool_kernel[(nseg_max, b * heads_q)](
+    with device_ctx(k):
+        launch_pool(
+            (nseg_max, b * heads_q),
             k, v, kp, vp, segment,
             k.stride(0), k.stride(1), k.stride(2),
             v.stride(0), v.stride(1), v.stride(2),
@@ -73,6 +71,20 @@ def _launch_pool(
             HEAD_DIM=d, BLOCK_J=_POOL_BLOCK_J[_INTERPRET], num_warps=4 if d <= 64 else 8,
         )  # fmt: skip
     return kp, vp
+
+
+_SIDE_STREAMS: dict[int, "torch.cuda.Stream"] = {}
+
+
+def _side_stream(t: torch.Tensor) -> "torch.cuda.Stream | None":
+    """A second stream on ``t``'s GPU (one per device, made once); ``None`` off CUDA."""
+    if not t.is_cuda:
+        return None
+    index = t.device.index
+    stream = _SIDE_STREAMS.get(index)
+    if stream is None:
+        stream = _SIDE_STREAMS[index] = torch.cuda.Stream(t.device)
+    return stream
 
 
 def _launch_forward(
@@ -93,7 +105,7 @@ def _launch_forward(
 
     from adaattn_kernels.flash.api import triton_unsupported_reason
     from adaattn_kernels.flash.op import _run_forward, _shape
-    from adaattn_kernels.hybrid._kernels import _INTERPRET, _hybrid_fwd_kernel, seq_bucket
+    from adaattn_kernels.hybrid._kernels import _INTERPRET, launch_fwd, seq_bucket
 
     q, k, v = _last_dim_contiguous(q), _last_dim_contiguous(k), _last_dim_contiguous(v)
     # Exact heads go to the dense kernel wherever it takes these inputs (its own check).
@@ -109,17 +121,24 @@ def _launch_forward(
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     lse = torch.empty((b, hq, sq), dtype=torch.float32, device=q.device)
     heads = b * hq
+    side = None
     if plan_kind == 2 and dense:
         # head_order lists the exact heads first: those go to the dense kernel, the rest to
-        # the hybrid kernel tuned for all-hybrid plans.
-        _run_forward(
-            q, k, v, None, causal_mode, scale,
-            head_idx=head_order[:num_exact], out=out, lse=lse,
-        )  # fmt: skip
+        # the hybrid kernel tuned for all-hybrid plans. On a GPU the dense launch runs on a
+        # side stream, so the short hybrid programs fill the SMs its last wave leaves idle.
+        side = _side_stream(q)
+        if side is not None:
+            side.wait_stream(torch.cuda.current_stream(q.device))
+        with torch.cuda.stream(side) if side is not None else contextlib.nullcontext():
+            _run_forward(
+                q, k, v, None, causal_mode, scale,
+                head_idx=head_order[:num_exact], out=out, lse=lse,
+            )  # fmt: skip
         head_order, plan_kind, heads = head_order[num_exact:], 1, heads - num_exact
     grid = lambda meta: (heads * triton.cdiv(sq, meta["BLOCK_M"]),)
-    with _device_ctx(q):
-        _hybrid_fwd_kernel[grid](
+    with device_ctx(q):
+        launch_fwd(
+            grid,
             q, k, v, kp, vp, out, lse,
             window, sinks, segment, head_order,
             q.stride(0), q.stride(1), q.stride(2),
@@ -132,6 +151,10 @@ def _launch_forward(
             HEAD_DIM=d, CAUSAL=causal_mode != CAUSAL_NONE, IEEE=q.dtype == torch.float32,
             INTERPRET=_INTERPRET,
         )  # fmt: skip
+    if side is not None:
+        # Join: later work on the caller's stream (and the allocator's reuse of the inputs)
+        # waits for the dense launch too, so no tensor needs record_stream.
+        torch.cuda.current_stream(q.device).wait_stream(side)
     return out, lse
 
 
