@@ -9,9 +9,11 @@ CUDA-event runs via triton's do_bench):
 * ``hybrid``: :func:`adaattn_kernels.hybrid.hybrid_attention`, every head hybrid
   (w=512, sinks=4, r=seq/64), autotuned;
 * ``pool``: the far-field pooling kernel alone (``build_far_field``);
-* ``fwd[BMxBN,w,s]``: the attention kernel alone, once per candidate tile config;
+* ``fwd[BMxBN,w,s]``: the attention kernel alone, once per candidate tile config (or per
+  ``--tiles`` config);
 
-and the key tiles a query block visits (window + pooled + sinks) against the dense kernel's, so
+each also replayed from a CUDA graph (``*graph_ms``: GPU time without host launch cost); and
+the key tiles a query block visits (window + pooled + sinks) against the dense kernel's, so
 the measured ratio can be read against the work ratio. Prints a table; writes
 ``$ADAATTN_RESULTS/profile_hybrid.json``.
 """
@@ -25,7 +27,7 @@ from typing import Any
 
 import torch
 
-from tools.bench.common import median_ms, write_results
+from tools.bench.common import graph_ms, median_ms, write_results
 
 WINDOW = 512
 SINKS = 4
@@ -51,9 +53,15 @@ def _work_ratio(seq: int, causal: bool, block_m: int, block_n: int) -> float:
 
 
 def run_case(
-    seq: int, d: int, causal: bool, heads: int, order_exact_first: bool = False
+    seq: int,
+    d: int,
+    causal: bool,
+    heads: int,
+    order_exact_first: bool = False,
+    tiles: tuple[tuple[int, int, int, int], ...] = (),
 ) -> dict[str, Any]:
     import adaattn_kernels
+    from adaattn_kernels._triton import clear_replays
     from adaattn_kernels.hybrid import HybridPlan, build_far_field, hybrid_attention
     from adaattn_kernels.hybrid import _kernels as hk
 
@@ -65,6 +73,8 @@ def run_case(
     )
     row: dict[str, Any] = {"seq": seq, "head_dim": d, "causal": causal, "heads": heads}
     row["dense_ms"] = median_ms(lambda: adaattn_kernels.attention(q, k, v, causal=causal))
+    row["dense_graph_ms"] = graph_ms(lambda: adaattn_kernels.attention(q, k, v, causal=causal))
+    tiles = tiles or hk.FWD_TILES
     tuner = hk._hybrid_fwd_kernel
     if order_exact_first:  # bench_hybrid's order: the all-exact plan autotunes first
         exact = HybridPlan.exact(1, heads, device="cuda")
@@ -89,19 +99,27 @@ def run_case(
     row["host_us_per_call"] = (time.perf_counter() - t0) / 50 * 1e6
     torch.cuda.synchronize()
     row["pool_ms"] = median_ms(lambda: build_far_field(k, v, plan))
+    row["pool_graph_ms"] = graph_ms(lambda: build_far_field(k, v, plan))
+    row["hybrid_graph_ms"] = graph_ms(lambda: hybrid_attention(q, k, v, plan, causal=causal))
     all_configs = list(tuner.configs)
+    import triton
+
     try:
-        for cfg in all_configs:
-            bm, bn = cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_N"]
-            name = f"fwd[{bm}x{bn},w{cfg.num_warps},s{cfg.num_stages}]"
-            tuner.configs = [cfg]
+        for bm, bn, w, st in tiles:
+            name = f"fwd[{bm}x{bn},w{w},s{st}]"
+            tuner.configs = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w,
+                                           num_stages=st)]  # fmt: skip
             tuner.cache.clear()
+            clear_replays()  # else the launcher replays the previous config's binary
             try:
                 out = hybrid_attention(q, k, v, plan, causal=causal)
                 assert isinstance(out, torch.Tensor)
                 err = float((out.float() - ref.float()).norm() / ref.float().norm())
                 row[name] = {
                     "ms_incl_pool": median_ms(
+                        lambda: hybrid_attention(q, k, v, plan, causal=causal)
+                    ),
+                    "graph_ms_incl_pool": graph_ms(
                         lambda: hybrid_attention(q, k, v, plan, causal=causal)
                     ),
                     "rel_diff_vs_autotuned": err,
@@ -112,6 +130,7 @@ def run_case(
     finally:
         tuner.configs = all_configs
         tuner.cache.clear()
+        clear_replays()
     row["speedup"] = row["dense_ms"] / row["hybrid_ms"]
     return row
 
@@ -151,9 +170,16 @@ def main() -> None:
         help="one hybrid call (head_dim 64, causal) inside the NVTX range 'target', for "
         "`ncu --nvtx --nvtx-include target/`",
     )
+    ap.add_argument(
+        "--tiles",
+        nargs="*",
+        default=[],
+        help="tile configs to time instead of the autotuner's, as BM,BN,warps,stages",
+    )
     args = ap.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("profile_hybrid needs a CUDA GPU")
+    tiles = tuple(tuple(int(x) for x in t.split(",")) for t in args.tiles)
     if args.ncu:
         _ncu_target(args.seq, args.heads)
         return
@@ -161,10 +187,12 @@ def main() -> None:
     causals = {"both": (False, True), "yes": (True,), "no": (False,)}[args.causal]
     for d in args.head_dims:
         for causal in causals:
-            row = run_case(args.seq, d, causal, args.heads, args.exact_first)
+            row = run_case(args.seq, d, causal, args.heads, args.exact_first, tiles)  # type: ignore[arg-type]
             print(
                 f"seq={args.seq} d={d} causal={causal!s:5} dense={row['dense_ms']:.3f} "
-                f"hybrid={row['hybrid_ms']:.3f} pool={row['pool_ms']:.3f} "
+                f"hybrid={row['hybrid_ms']:.3f} pool={row['pool_ms']:.3f} | graph: dense="
+                f"{row['dense_graph_ms']:.3f} hybrid={row['hybrid_graph_ms']:.3f} "
+                f"pool={row['pool_graph_ms']:.3f} | "
                 f"speedup={row['speedup']:.2f} again={row['hybrid_ms_again']:.3f} "
                 f"host={row['host_us_per_call']:.0f}us "
                 f"chose={row['autotune_choice']} tuner={row['autotune_timings_ms']}",

@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 import triton
+from adaattn_kernels._triton import clear_replays
 from triton.testing import do_bench
 
 from tools.bench.common import rel_error, write_results
@@ -55,6 +56,7 @@ def _force(kernel: Any, cfg: tuple[int, int, int, int], pre_hook: Any = None) ->
     meta = {"BLOCK_M": bm, "BLOCK_N": bn}
     kernel.configs = [triton.Config(meta, num_warps=w, num_stages=s, pre_hook=pre_hook)]
     kernel.cache = {}
+    clear_replays()  # the launchers would otherwise replay the binary of the previous config
 
 
 def main() -> int:

@@ -54,6 +54,19 @@ def device_ctx(t: torch.Tensor) -> contextlib.AbstractContextManager[Any]:
     return contextlib.nullcontext()
 
 
+def graph_bench(kernel_call: Any, quantiles: Any) -> Any:
+    """Autotuner timing by CUDA-graph replay: the GPU time of each candidate alone.
+
+    Triton's default (``triton.testing.do_bench``) times eager launches; where a candidate runs
+    shorter on the GPU than its launch takes on the host (the hybrid kernel at 8k keys takes
+    ~0.1 ms against ~0.1–0.2 ms of Python), every candidate measures the host and the choice
+    is noise. Pass as ``triton.autotune(..., do_bench=graph_bench)``.
+    """
+    from triton.testing import do_bench_cudagraph
+
+    return do_bench_cudagraph(kernel_call, rep=20, quantiles=quantiles)
+
+
 def _replay_enabled() -> bool:
     return os.environ.get("ADAATTN_TRITON_REPLAY", "1") != "0"
 
@@ -66,6 +79,15 @@ def set_replay(enabled: bool) -> None:
     """
     for launcher in _LAUNCHERS:
         launcher.enabled = enabled and not interpreting()
+
+
+def clear_replays() -> None:
+    """Forget every recorded launch, so the next call of each key goes through Triton again.
+
+    For tools that change an autotuner's candidate configs or cached choice between calls.
+    """
+    for launcher in _LAUNCHERS:
+        launcher._cache.clear()
 
 
 #: A replayable launch: compiled kernel, the constexprs and config by name (what grid callables

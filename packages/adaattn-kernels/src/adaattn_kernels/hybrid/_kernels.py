@@ -28,7 +28,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from adaattn_kernels._triton import KernelLauncher, interpreting
+from adaattn_kernels._triton import KernelLauncher, graph_bench, interpreting
 
 _INTERPRET = interpreting()  # fixed at import, as Triton itself reads the flag
 if _INTERPRET:
@@ -213,6 +213,7 @@ def _window(i, win, seq_q, seq_k, diag, CAUSAL: tl.constexpr):
     configs=_fwd_configs(),
     key=["SEQ_BUCKET_Q", "SEQ_BUCKET_K", "PLAN_KIND", "HEAD_DIM", "CAUSAL", "IEEE"],
     prune_configs_by={"early_config_prune": _prune_fwd},
+    do_bench=graph_bench,
 )
 @triton.jit
 def _hybrid_fwd_kernel(
