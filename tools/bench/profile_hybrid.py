@@ -9,6 +9,8 @@ CUDA-event runs via triton's do_bench):
 * ``hybrid``: :func:`adaattn_kernels.hybrid.hybrid_attention`, every head hybrid
   (w=512, sinks=4, r=seq/64), autotuned;
 * ``pool``: the far-field pooling kernel alone (``build_far_field``);
+* ``mixed_side_stream`` / ``mixed_one_stream``: the half/half plan with its dense launch on a
+  side stream (the default) and on the caller's stream;
 * ``fwd[BMxBN,w,s]``: the attention kernel alone, once per candidate tile config (or per
   ``--tiles`` config);
 
@@ -100,6 +102,7 @@ def run_case(
     torch.cuda.synchronize()
     row["pool_ms"] = median_ms(lambda: build_far_field(k, v, plan))
     row["pool_graph_ms"] = graph_ms(lambda: build_far_field(k, v, plan))
+    row.update(_mixed_streams(q, k, v, causal))
     row["hybrid_graph_ms"] = graph_ms(lambda: hybrid_attention(q, k, v, plan, causal=causal))
     all_configs = list(tuner.configs)
     import triton
@@ -133,6 +136,35 @@ def run_case(
         clear_replays()
     row["speedup"] = row["dense_ms"] / row["hybrid_ms"]
     return row
+
+
+def _mixed_streams(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool
+) -> dict[str, Any]:
+    """Half/half plan with its dense launch on a side stream (the default) vs one stream."""
+    from adaattn_kernels.hybrid import HybridPlan, hybrid_attention
+    from adaattn_kernels.hybrid import op as hop
+
+    heads, seq = q.shape[1], k.shape[2]
+    mixed = HybridPlan.build(
+        1, heads, seq_len_k=seq, window=WINDOW, rank=seq // 64, sinks=SINKS,
+        exact=(torch.arange(heads) % 2 == 0)[None, :], device="cuda",
+    )  # fmt: skip
+    fn = lambda: hybrid_attention(q, k, v, mixed, causal=causal)
+    side_stream = hop._side_stream
+    out: dict[str, Any] = {}
+    outputs: dict[str, Any] = {}
+    try:
+        for name, pick in (("side_stream", side_stream), ("one_stream", lambda t: None)):
+            hop._side_stream = pick
+            outputs[name] = fn()
+            out[f"mixed_{name}_ms"] = median_ms(fn)
+            out[f"mixed_{name}_graph_ms"] = graph_ms(fn)
+    finally:
+        hop._side_stream = side_stream
+    same = torch.equal(outputs["side_stream"], outputs["one_stream"])
+    out["mixed_streams_identical"] = bool(same)
+    return out
 
 
 def _ncu_target(seq: int, heads: int) -> None:
@@ -192,7 +224,8 @@ def main() -> None:
                 f"seq={args.seq} d={d} causal={causal!s:5} dense={row['dense_ms']:.3f} "
                 f"hybrid={row['hybrid_ms']:.3f} pool={row['pool_ms']:.3f} | graph: dense="
                 f"{row['dense_graph_ms']:.3f} hybrid={row['hybrid_graph_ms']:.3f} "
-                f"pool={row['pool_graph_ms']:.3f} | "
+                f"pool={row['pool_graph_ms']:.3f} mixed side/one stream="
+                f"{row['mixed_side_stream_graph_ms']:.3f}/{row['mixed_one_stream_graph_ms']:.3f} | "
                 f"speedup={row['speedup']:.2f} again={row['hybrid_ms_again']:.3f} "
                 f"host={row['host_us_per_call']:.0f}us "
                 f"chose={row['autotune_choice']} tuner={row['autotune_timings_ms']}",
