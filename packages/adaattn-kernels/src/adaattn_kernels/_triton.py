@@ -64,6 +64,9 @@ def graph_bench(kernel_call: Any, quantiles: Any) -> Any:
     """
     from triton.testing import do_bench_cudagraph
 
+    # do_bench_cudagraph times on a stream of its own: let the caller's pending work (the
+    # inputs of this very launch) finish first.
+    torch.cuda.current_stream().synchronize()
     return do_bench_cudagraph(kernel_call, rep=20, quantiles=quantiles)
 
 
@@ -110,8 +113,10 @@ class KernelLauncher:
     alignment, the device — and on a repeat hands the arguments straight to the launcher of the
     binary Triton returned the first time (what ``JITFunction.run`` ends with), with the config
     the autotuner chose then. The grid is evaluated on every call (a callable grid sees the
-    constexprs and the config, as in Triton) and the config's pre-hook runs before each launch.
-    Float arguments are not part of the key: Triton does not specialise on them.
+    constexprs and the config, or every argument if it asks for more) and the config's pre-hook
+    runs before each launch. Floats are keyed by value (a changed score scale records a new key).
+    Skipped on a replay: Triton's check that the kernel's global constants have not changed
+    since compilation, and JIT pre-run hooks (this package's kernels use neither).
 
     The first call of each key, calls under the interpreter and calls while a Triton launch hook
     is set (profilers such as proton) go through Triton as usual. ``ADAATTN_TRITON_REPLAY=0``
@@ -146,7 +151,7 @@ class KernelLauncher:
             if t is int or a is None:
                 key.append(a)
             elif t is float:
-                key.append(float)
+                key.append((float, a))  # by value: a float constexpr is baked into the binary
             elif isinstance(a, torch.Tensor):
                 key.append((a.dtype, a.data_ptr() % 16 == 0))
             elif t is bool:
@@ -158,7 +163,7 @@ class KernelLauncher:
                             tuple(a.block_shape), getattr(a, "padding", None)))  # fmt: skip
             else:
                 return None  # anything else: leave it to Triton
-        key.append(tuple(kwargs.items()))
+        key.append(tuple((k, type(v), v) for k, v in kwargs.items()))
         return tuple(key)
 
     def _record(
@@ -166,27 +171,44 @@ class KernelLauncher:
     ) -> _Replay | None:
         if compiled is None or getattr(compiled, "function", None) is None:
             return None
+        constants = getattr(getattr(compiled, "src", None), "constants", None)
+        if not isinstance(constants, dict):
+            return None
         if self._stream is None:
             from triton.runtime import driver
 
             self._stream = driver.active.get_current_stream  # what Triton launches on
-        config: dict[str, Any] = {}
+        # Constexprs come from the binary itself (not from the autotuner's best_config, which
+        # another thread's launch may have changed since).
+        names = self._arg_names[len(args) :]
+        meta: dict[str, Any] = {}
+        for i, name in enumerate(names, start=len(args)):
+            if name in kwargs:
+                meta[name] = kwargs[name]
+            elif (i,) in constants:
+                meta[name] = constants[(i,)]
+            else:
+                return None  # a defaulted or unknown parameter: leave it to Triton
         pre_hook = None
         if self._autotuned:
-            best = getattr(self.kernel, "best_config", None)
-            if best is None:
+            config = self._config_of(compiled, meta)
+            if config is None:
                 return None
-            config, pre_hook = dict(best.kwargs), best.pre_hook
-        values = dict(zip(self._arg_names, args))
-        for name in self._arg_names[len(args) :]:
-            if name in kwargs:
-                values[name] = kwargs[name]
-            elif name in config:
-                values[name] = config[name]
-            else:
-                return None  # a defaulted parameter: leave it to Triton
-        tail = tuple(values[name] for name in self._arg_names[len(args) :])
-        return compiled, dict(zip(self._arg_names[len(args) :], tail)), tail, pre_hook
+            pre_hook = config.pre_hook
+        return compiled, meta, tuple(meta[name] for name in names), pre_hook
+
+    def _config_of(self, compiled: Any, meta: dict[str, Any]) -> Any:
+        """The autotuner config this binary was compiled for (its tile values and warps)."""
+        md = compiled.metadata
+        for config in (*self.kernel.configs, getattr(self.kernel, "best_config", None)):
+            if (
+                config is not None
+                and config.num_warps == md.num_warps
+                and config.num_stages == md.num_stages
+                and all(meta.get(k) == v for k, v in config.kwargs.items())
+            ):
+                return config
+        return None
 
     def __call__(self, grid: Any, *args: Any, **kwargs: Any) -> None:
         """``kernel[grid](*args, **kwargs)``, replayed when this call's key was seen before."""
@@ -199,12 +221,16 @@ class KernelLauncher:
             return
         device = torch.cuda.current_device()
         key = (device, *key)
-        entry = self._cache.get(key)
+        try:
+            entry = self._cache.get(key)
+        except TypeError:  # an unhashable keyword value
+            self.kernel[grid](*args, **kwargs)
+            return
         if entry is not None:
             compiled, meta, tail, pre_hook = entry
             # The grid is evaluated on every call: it may depend on values outside the key (the
             # length of a head list, say). Grid callables see the constexprs and the config.
-            g = grid(meta) if callable(grid) else grid
+            g = _grid(grid, meta, self._arg_names, args, tail) if callable(grid) else grid
             if pre_hook is not None:  # as the autotuner calls it before every launch
                 pre_hook(dict(zip(self._arg_names, (*args, *tail))))
             # What Triton's JITFunction.run does once the binary is found, with no launch hooks.
@@ -221,6 +247,16 @@ class KernelLauncher:
             if len(self._cache) >= self._max_entries:
                 self._cache.clear()
             self._cache[key] = recorded
+
+
+def _grid(
+    grid: Any, meta: dict[str, Any], names: list[str], args: tuple[Any, ...], tail: Any
+) -> Any:
+    """Evaluate a grid callable on the constexprs, or on every argument if it needs more."""
+    try:
+        return grid(meta)
+    except KeyError:
+        return grid(dict(zip(names, (*args, *tail))))
 
 
 def _launch_hooked(knobs: Any) -> bool:

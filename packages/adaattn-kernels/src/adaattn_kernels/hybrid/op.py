@@ -77,17 +77,21 @@ def _launch_pool(
     return kp, vp
 
 
-_SIDE_STREAMS: dict[int, "torch.cuda.Stream"] = {}
+_SIDE_STREAMS: dict[tuple[int, int], "torch.cuda.Stream"] = {}
 
 
 def _side_stream(t: torch.Tensor) -> "torch.cuda.Stream | None":
-    """A second stream on ``t``'s GPU (one per device, made once); ``None`` off CUDA."""
+    """A second stream for the caller's current stream on ``t``'s GPU; ``None`` off CUDA.
+
+    One per (device, caller stream), made once: callers on different streams (or a CUDA-graph
+    capture beside eager work) never share one, so they add no dependencies between each other.
+    """
     if not t.is_cuda:
         return None
-    index = t.device.index
-    stream = _SIDE_STREAMS.get(index)
+    key = (t.device.index, torch.cuda.current_stream(t.device).cuda_stream)
+    stream = _SIDE_STREAMS.get(key)
     if stream is None:
-        stream = _SIDE_STREAMS[index] = torch.cuda.Stream(t.device)
+        stream = _SIDE_STREAMS[key] = torch.cuda.Stream(t.device)
     return stream
 
 
@@ -119,9 +123,6 @@ def _launch_forward(
     b, hq, sq, d = q.shape
     hkv, sk = k.shape[1], k.shape[2]
     window, sinks, segment = window.contiguous(), sinks.contiguous(), segment.contiguous()
-    kp, vp = _launch_pool(k, v, segment, hq, nseg_max, zero=False)
-    if nseg_max == 0:  # every head exact: the pooled pointers are never dereferenced
-        kp, vp = k, v
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     lse = torch.empty((b, hq, sq), dtype=torch.float32, device=q.device)
     heads = b * hq
@@ -129,7 +130,8 @@ def _launch_forward(
     if plan_kind == 2 and dense:
         # head_order lists the exact heads first: those go to the dense kernel, the rest to
         # the hybrid kernel tuned for all-hybrid plans. On a GPU the dense launch runs on a
-        # side stream, so the short hybrid programs fill the SMs its last wave leaves idle.
+        # side stream, forked before the pooling it does not need, so the short hybrid
+        # programs fill the SMs its last wave leaves idle.
         side = _side_stream(q)
         if side is not None:
             side.wait_stream(torch.cuda.current_stream(q.device))
@@ -139,26 +141,31 @@ def _launch_forward(
                 head_idx=head_order[:num_exact], out=out, lse=lse,
             )  # fmt: skip
         head_order, plan_kind, heads = head_order[num_exact:], 1, heads - num_exact
-    grid = lambda meta: (heads * triton.cdiv(sq, meta["BLOCK_M"]),)
-    with device_ctx(q):
-        launch_fwd(
-            grid,
-            q, k, v, kp, vp, out, lse,
-            window, sinks, segment, head_order,
-            q.stride(0), q.stride(1), q.stride(2),
-            k.stride(0), k.stride(1), k.stride(2),
-            v.stride(0), v.stride(1), v.stride(2),
-            out.stride(0), out.stride(1), out.stride(2),
-            hq, hq // hkv, sq, sk, causal_offset(causal_mode, sq, sk), max(nseg_max, 1),
-            scale * _LOG2E,
-            seq_bucket(sq), seq_bucket(sk), plan_kind,
-            HEAD_DIM=d, CAUSAL=causal_mode != CAUSAL_NONE, IEEE=q.dtype == torch.float32,
-            INTERPRET=_INTERPRET,
-        )  # fmt: skip
-    if side is not None:
-        # Join: later work on the caller's stream (and the allocator's reuse of the inputs)
-        # waits for the dense launch too, so no tensor needs record_stream.
-        torch.cuda.current_stream(q.device).wait_stream(side)
+    try:
+        kp, vp = _launch_pool(k, v, segment, hq, nseg_max, zero=False)
+        if nseg_max == 0:  # every head exact: the pooled pointers are never dereferenced
+            kp, vp = k, v
+        grid = lambda meta: (heads * triton.cdiv(sq, meta["BLOCK_M"]),)
+        with device_ctx(q):
+            launch_fwd(
+                grid,
+                q, k, v, kp, vp, out, lse,
+                window, sinks, segment, head_order,
+                q.stride(0), q.stride(1), q.stride(2),
+                k.stride(0), k.stride(1), k.stride(2),
+                v.stride(0), v.stride(1), v.stride(2),
+                out.stride(0), out.stride(1), out.stride(2),
+                hq, hq // hkv, sq, sk, causal_offset(causal_mode, sq, sk), max(nseg_max, 1),
+                scale * _LOG2E,
+                seq_bucket(sq), seq_bucket(sk), plan_kind,
+                HEAD_DIM=d, CAUSAL=causal_mode != CAUSAL_NONE, IEEE=q.dtype == torch.float32,
+                INTERPRET=_INTERPRET,
+            )  # fmt: skip
+    finally:
+        if side is not None:
+            # Join (also on error): later work on the caller's stream, and the allocator's
+            # reuse of the inputs, wait for the dense launch too; no tensor needs record_stream.
+            torch.cuda.current_stream(q.device).wait_stream(side)
     return out, lse
 
 
