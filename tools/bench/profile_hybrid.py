@@ -60,7 +60,7 @@ def run_case(
     causal: bool,
     heads: int,
     order_exact_first: bool = False,
-    tiles: tuple[tuple[int, int, int, int, int], ...] = (),
+    tiles: tuple[tuple[int, int, int, int], ...] = (),
 ) -> dict[str, Any]:
     import adaattn_kernels
     from adaattn_kernels._triton import clear_replays
@@ -108,10 +108,10 @@ def run_case(
     import triton
 
     try:
-        for bm, bn, ni, w, st in tiles:
-            name = f"fwd[{bm}x{bn}{'' if ni == bn else f'/{ni}'},w{w},s{st}]"
-            meta = {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_NI": ni}
-            tuner.configs = [triton.Config(meta, num_warps=w, num_stages=st)]
+        for bm, bn, w, st in tiles:
+            name = f"fwd[{bm}x{bn},w{w},s{st}]"
+            tuner.configs = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w,
+                                           num_stages=st)]  # fmt: skip
             tuner.cache.clear()
             clear_replays()  # else the launcher replays the previous config's binary
             try:
@@ -127,7 +127,6 @@ def run_case(
                     ),
                     "rel_diff_vs_autotuned": err,
                     "work_ratio_dense_over_hybrid": _work_ratio(seq, causal, bm, bn),
-                    "block_ni": ni,
                 }
             except Exception as e:  # a config that fails to compile is reported, not fatal
                 row[name] = {"error": f"{type(e).__name__}: {e}"[:200]}
@@ -207,15 +206,12 @@ def main() -> None:
         "--tiles",
         nargs="*",
         default=[],
-        help="tile configs to time instead of the autotuner's, as BM,BN,NI,warps,stages "
-        "(NI: keys per unmasked interior tile)",
+        help="tile configs to time instead of the autotuner's, as BM,BN,warps,stages",
     )
     args = ap.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("profile_hybrid needs a CUDA GPU")
     tiles = tuple(tuple(int(x) for x in t.split(",")) for t in args.tiles)
-    if any(len(t) != 5 for t in tiles):
-        raise SystemExit("--tiles takes BM,BN,NI,warps,stages for each config")
     if args.ncu:
         _ncu_target(args.seq, args.heads)
         return

@@ -27,8 +27,7 @@ for d in (64, 128):
                          HeadOrder="*i32", qk_scale="fp32")
             r = build(fwd.fn, types, ce, c.num_warps, c.num_stages)
             out.append({"kernel": "fwd", "case": [d, causal, c.kwargs["BLOCK_M"],
-                        c.kwargs["BLOCK_N"], c.kwargs["BLOCK_NI"], c.num_warps,
-                        c.num_stages], **r})
+                        c.kwargs["BLOCK_N"], c.num_warps, c.num_stages], **r})
     types = dict(bf16, Segment="*i32")
     r = build(K._pool_kernel, types, dict(HEAD_DIM=d, BLOCK_J=64), 2, 3)  # as hybrid/op.py
     out.append({"kernel": "pool", "case": [d], **r})

@@ -44,49 +44,30 @@ def seq_bucket(n: int) -> int:
     return 1 << max(0, min(n, 65536) - 1).bit_length()
 
 
-#: (BLOCK_M, BLOCK_N, BLOCK_NI, num_warps, num_stages) candidates of the hybrid forward.
-#: ``BLOCK_N`` keys per masked tile (window edges, sinks, pooled segments), ``BLOCK_NI`` per
-#: unmasked tile inside every row's window: wider interior tiles keep the tensor cores busier
-#: while the edges stay narrow so little is masked away.
-FWD_TILES = (
-    (128, 64, 64, 8, 3),
-    (128, 32, 32, 8, 3),
-    (64, 64, 64, 4, 3),
-    (64, 32, 32, 4, 3),
-    (64, 32, 64, 4, 3),
-    (128, 32, 64, 8, 3),
-)
+#: (BLOCK_M, BLOCK_N, num_warps, num_stages) candidates of the hybrid forward.
+FWD_TILES = ((128, 64, 8, 3), (128, 32, 8, 3), (64, 64, 4, 3), (64, 32, 4, 3))
 
 
 def _fwd_configs() -> list[triton.Config]:
     if _INTERPRET:
-        # A wider interior tile than edge tile, so the CPU tests take both code paths.
-        return [
-            triton.Config({"BLOCK_M": 32, "BLOCK_N": 16, "BLOCK_NI": 32}, num_warps=4, num_stages=1)
-        ]
+        return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 16}, num_warps=4, num_stages=1)]
     # Compiled for sm_90 (tests/test_hybrid_compile.py), these spill at most 64 bytes per
     # thread; (128, 64, 4 warps) spilled 1112 B at head_dim 128 and (128, 128, 8, 2) 360-416 B,
     # so they are not candidates.
     return [
-        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_NI": ni}, num_warps=w, num_stages=s)
-        for bm, bn, ni, w, s in FWD_TILES
+        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
+        for bm, bn, w, s in FWD_TILES
     ]
 
 
 def _prune_fwd(configs: list[triton.Config], named_args: dict, **kwargs: object) -> list:
     d = named_args.get("HEAD_DIM", kwargs.get("HEAD_DIM", 128))
-    # head_dim 64: every tile is a candidate — on an H100 at 8k keys (w=512, r=128) (64, 32)
-    # ran fastest (tools/bench/profile_hybrid.py), while long all-exact plans prefer 64-key
-    # tiles. head_dim 128 (sm_90 compile, tests/test_hybrid_compile.py): (64, 64) spills
-    # 136-200 B and (128, 32) with 64-key interior tiles 88 B; 32-key tiles spill nothing.
+    # head_dim 128: (64, 64) spills 136-200 B, 32-key tiles none. head_dim 64: every tile is a
+    # candidate — on an H100 at 8k keys (w=512, r=128) (64, 32) ran fastest with (64, 64) next
+    # (tools/bench/profile_hybrid.py), while long all-exact plans prefer 64-key tiles.
     if d <= 64:
         return configs
-    keep = [
-        c
-        for c in configs
-        if c.kwargs["BLOCK_NI"] == c.kwargs["BLOCK_N"]
-        and (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]) != (64, 64)
-    ]
+    keep = [c for c in configs if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]) != (64, 64)]
     return keep or configs
 
 
@@ -275,7 +256,6 @@ def _hybrid_fwd_kernel(
     INTERPRET: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
-    BLOCK_NI: tl.constexpr,
 ):
     pid = tl.program_id(0)
     n_mb = tl.cdiv(seq_q, BLOCK_M)
@@ -293,7 +273,6 @@ def _hybrid_fwd_kernel(
     start_m = mb * BLOCK_M
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
-    offs_ni = tl.arange(0, BLOCK_NI)
     offs_d = tl.arange(0, HEAD_DIM)
     row_ok = offs_m < seq_q
     first = start_m
@@ -320,7 +299,7 @@ def _hybrid_fwd_kernel(
             hi_rows = offs_m * 0 + seq_k
             hi_blk = seq_k
             full = seq_k
-        full = (full // BLOCK_NI) * BLOCK_NI
+        full = (full // BLOCK_N) * BLOCK_N
         zero_rows = offs_m * 0
         acc, l_i, m_i = _key_tiles(
             acc,
@@ -331,7 +310,7 @@ def _hybrid_fwd_kernel(
             v_base,
             stride_kn,
             stride_vn,
-            offs_ni,
+            offs_n,
             offs_d,
             0,
             full,
@@ -339,7 +318,7 @@ def _hybrid_fwd_kernel(
             hi_rows,
             seq_k,
             qk_scale,
-            BLOCK_NI,
+            BLOCK_N,
             False,
             INTERPRET,
             IEEE,
@@ -413,8 +392,8 @@ def _hybrid_fwd_kernel(
         exlo_l = tl.maximum((ws_l // seg) * seg, s_end)
         exhi_f = hi_f if CAUSAL else tl.minimum(((we_f + seg - 1) // seg) * seg, seq_k)
         w_lo = (exlo_f // BLOCK_N) * BLOCK_N
-        in_lo = tl.maximum(((exlo_l + BLOCK_NI - 1) // BLOCK_NI) * BLOCK_NI, w_lo)
-        in_hi = tl.maximum((exhi_f // BLOCK_NI) * BLOCK_NI, in_lo)
+        in_lo = tl.maximum(((exlo_l + BLOCK_N - 1) // BLOCK_N) * BLOCK_N, w_lo)
+        in_hi = tl.maximum((exhi_f // BLOCK_N) * BLOCK_N, in_lo)
         acc, l_i, m_i = _key_tiles(
             acc,
             l_i,
@@ -446,7 +425,7 @@ def _hybrid_fwd_kernel(
             v_base,
             stride_kn,
             stride_vn,
-            offs_ni,
+            offs_n,
             offs_d,
             in_lo,
             in_hi,
@@ -454,7 +433,7 @@ def _hybrid_fwd_kernel(
             exhi_r,
             seq_k,
             qk_scale,
-            BLOCK_NI,
+            BLOCK_N,
             False,
             INTERPRET,
             IEEE,
