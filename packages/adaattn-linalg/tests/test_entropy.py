@@ -324,9 +324,12 @@ def test_streaming_cpu_seq_8192_memory_bounded():
     assert grew < dense, f"streaming entropy grew RSS by {grew / 2**20:.0f} MiB"
     # The working set is one tile of ~2^24 scores (64 MiB in fp32, a few copies of it in
     # temporaries) whatever the length, plus O(seq) row statistics. Dense scores would grow
-    # 4× from seq 4096 (128 MiB) to 8192 (512 MiB); allow 25 % + 32 MiB of noise.
+    # 4× from seq 4096 (128 MiB) to 8192 (512 MiB); a linear path at most 2×. Peak RSS of the
+    # same call moves by up to ~90 MiB between runs (allocator and thread-pool buffers; on
+    # one 2-core machine 135 → 223 MiB inside a CI run, 319 → 343–371 MiB in three runs
+    # alone), so the bound is the linear one plus 64 MiB, which a quadratic path exceeds.
     small = _streaming_rss_growth(4096, 128)
-    assert grew < 1.25 * small + 32 * 2**20, (small / 2**20, grew / 2**20)
+    assert grew < 2 * small + 64 * 2**20, (small / 2**20, grew / 2**20)
     assert resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024 < 3 * 2**30
 
 
