@@ -13,6 +13,7 @@ import os
 import platform
 import shlex
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -67,6 +68,21 @@ def median_ms(fn: Callable[[], Any], *, warmup: int = 25, rep: int = 100) -> flo
         fn()
         times.append((time.perf_counter() - t0) * 1e3)
     return statistics.median(times)
+
+
+def host_us(fn: Callable[[], Any], calls: int = 50) -> float:
+    """Host time per call of ``fn`` in microseconds: ``calls`` calls enqueued back to back.
+
+    No synchronisation between calls, so a call whose host time exceeds its GPU time is
+    launch-bound: this figure, not the GPU's, then sets its eager speed.
+    """
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    elapsed = time.perf_counter() - t0
+    torch.cuda.synchronize()
+    return elapsed / calls * 1e6
 
 
 def graph_ms(fn: Callable[[], Any], *, rep: int = 40) -> float | None:

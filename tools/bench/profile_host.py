@@ -19,23 +19,12 @@ import argparse
 import cProfile
 import io
 import pstats
-import time
 from collections.abc import Callable
 from typing import Any
 
 import torch
 
-from tools.bench.common import graph_ms, median_ms, write_results
-
-
-def _host_us(fn: Callable[[], Any], calls: int = 50) -> float:
-    torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    for _ in range(calls):
-        fn()
-    elapsed = time.perf_counter() - t0
-    torch.cuda.synchronize()
-    return elapsed / calls * 1e6
+from tools.bench.common import graph_ms, host_us, median_ms, write_results
 
 
 def _top(fn: Callable[[], Any], top: int, calls: int = 200) -> str:
@@ -104,7 +93,7 @@ def main() -> None:
                 fn()
                 tag = "" if replay else "_no_replay"
                 row[f"eager_ms{tag}"] = median_ms(fn)
-                row[f"host_us_per_call{tag}"] = _host_us(fn)
+                row[f"host_us_per_call{tag}"] = host_us(fn)
             row["gpu_graph_ms"] = graph_ms(fn)
             row["profile"] = _top(fn, args.top)
             print(

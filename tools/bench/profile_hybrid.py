@@ -24,12 +24,11 @@ from __future__ import annotations
 
 import argparse
 import math
-import time
 from typing import Any
 
 import torch
 
-from tools.bench.common import graph_ms, median_ms, write_results
+from tools.bench.common import graph_ms, host_us, median_ms, write_results
 
 WINDOW = 512
 SINKS = 4
@@ -92,14 +91,7 @@ def run_case(
     }
     row["hybrid_ms"] = median_ms(lambda: hybrid_attention(q, k, v, plan, causal=causal))
     row["hybrid_ms_again"] = median_ms(lambda: hybrid_attention(q, k, v, plan, causal=causal))
-    # Host time per call: enqueue 50 calls back to back (no sync between) and time the loop. A
-    # call whose host time exceeds its GPU time is launch-bound at this size.
-    torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    for _ in range(50):
-        hybrid_attention(q, k, v, plan, causal=causal)
-    row["host_us_per_call"] = (time.perf_counter() - t0) / 50 * 1e6
-    torch.cuda.synchronize()
+    row["host_us_per_call"] = host_us(lambda: hybrid_attention(q, k, v, plan, causal=causal))
     row["pool_ms"] = median_ms(lambda: build_far_field(k, v, plan))
     row["pool_graph_ms"] = graph_ms(lambda: build_far_field(k, v, plan))
     row.update(_mixed_streams(q, k, v, causal))

@@ -213,3 +213,18 @@ def test_grid_follows_values_outside_the_key():
             out = hybrid_attention(q, k, v, plan, causal=True, backend="triton")
             err = float((out.double() - ref).norm() / ref.norm())
             assert err < 1e-2, err
+
+
+def test_launch_hooks_send_every_launch_through_triton():
+    """A profiler's launch hook must see every launch, so replay stands aside while one is set."""
+    from adaattn_kernels._triton import _launch_hooked
+    from triton import knobs
+
+    assert not _launch_hooked(knobs)
+    hook = lambda metadata: None
+    knobs.runtime.launch_enter_hook.add(hook)
+    try:
+        assert _launch_hooked(knobs)
+    finally:
+        knobs.runtime.launch_enter_hook.remove(hook)
+    assert not _launch_hooked(knobs)

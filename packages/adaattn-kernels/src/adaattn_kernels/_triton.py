@@ -70,10 +70,6 @@ def graph_bench(kernel_call: Any, quantiles: Any) -> Any:
     return do_bench_cudagraph(kernel_call, rep=20, quantiles=quantiles)
 
 
-def _replay_enabled() -> bool:
-    return os.environ.get("ADAATTN_TRITON_REPLAY", "1") != "0"
-
-
 def set_replay(enabled: bool) -> None:
     """Turn replay of compiled kernels on or off for every :class:`KernelLauncher` (benchmarks).
 
@@ -113,7 +109,7 @@ class KernelLauncher:
     alignment, the device — and on a repeat hands the arguments straight to the launcher of the
     binary Triton returned the first time (what ``JITFunction.run`` ends with), with the config
     the autotuner chose then. The grid is evaluated on every call (a callable grid sees the
-    constexprs and the config, or every argument if it asks for more) and the config's pre-hook
+    constexprs and the config, which is all this package's grids read) and the config's pre-hook
     runs before each launch. Floats are keyed by value (a changed score scale records a new key).
     Skipped on a replay: Triton's check that the kernel's global constants have not changed
     since compilation, and JIT pre-run hooks (this package's kernels use neither).
@@ -134,7 +130,7 @@ class KernelLauncher:
         self._autotuned = hasattr(kernel, "configs")
         self._max_entries = max_entries
         #: Whether repeats are replayed (read once from the environment; tests may set it).
-        self.enabled = not interpreting() and _replay_enabled()
+        self.enabled = not interpreting() and os.environ.get("ADAATTN_TRITON_REPLAY") != "0"
         self._cache: dict[tuple[Any, ...], _Replay] = {}
         self.replays = 0
         from triton import knobs
@@ -221,16 +217,12 @@ class KernelLauncher:
             return
         device = torch.cuda.current_device()
         key = (device, *key)
-        try:
-            entry = self._cache.get(key)
-        except TypeError:  # an unhashable keyword value
-            self.kernel[grid](*args, **kwargs)
-            return
+        entry = self._cache.get(key)
         if entry is not None:
             compiled, meta, tail, pre_hook = entry
             # The grid is evaluated on every call: it may depend on values outside the key (the
             # length of a head list, say). Grid callables see the constexprs and the config.
-            g = _grid(grid, meta, self._arg_names, args, tail) if callable(grid) else grid
+            g = grid(meta) if callable(grid) else grid
             if pre_hook is not None:  # as the autotuner calls it before every launch
                 pre_hook(dict(zip(self._arg_names, (*args, *tail))))
             # What Triton's JITFunction.run does once the binary is found, with no launch hooks.
@@ -249,22 +241,9 @@ class KernelLauncher:
             self._cache[key] = recorded
 
 
-def _grid(
-    grid: Any, meta: dict[str, Any], names: list[str], args: tuple[Any, ...], tail: Any
-) -> Any:
-    """Evaluate a grid callable on the constexprs, or on every argument if it needs more."""
-    try:
-        return grid(meta)
-    except KeyError:
-        return grid(dict(zip(names, (*args, *tail))))
-
-
 def _launch_hooked(knobs: Any) -> bool:
-    """Whether a Triton launch hook (e.g. the proton profiler) wants to see every launch."""
-    for hook in (knobs.runtime.launch_enter_hook, knobs.runtime.launch_exit_hook):
-        if hasattr(hook, "calls"):  # Triton 3.6: a HookChain, never None
-            if hook.calls:
-                return True
-        elif hook is not None:
-            return True
-    return False
+    """Whether a Triton launch hook (e.g. the proton profiler) wants to see every launch.
+
+    Triton >= 3.6 (this package's floor) keeps the hooks in ``HookChain`` lists, never ``None``.
+    """
+    return bool(knobs.runtime.launch_enter_hook.calls or knobs.runtime.launch_exit_hook.calls)
