@@ -7,13 +7,24 @@ Public entry points are re-exported from :mod:`adaattn_kernels`:
 of the Triton backend (import :mod:`adaattn_kernels.flash.op` to register them eagerly).
 """
 
-from adaattn_kernels.flash.api import TRITON_HEAD_DIMS, attention, triton_unsupported_reason
-from adaattn_kernels.flash.naive import attention_backward_reference, attention_reference
+from adaattn_kernels.flash.api import (
+    TRITON_HEAD_DIMS,
+    attention,
+    merge_attention_states_,
+    triton_unsupported_reason,
+)
+from adaattn_kernels.flash.naive import (
+    attention_backward_reference,
+    attention_reference,
+    merge_attention_states_reference,
+)
 
 __all__ = [
     "TRITON_HEAD_DIMS",
     "attention",
     "attention_backward_reference",
     "attention_reference",
+    "merge_attention_states_",
+    "merge_attention_states_reference",
     "triton_unsupported_reason",
 ]

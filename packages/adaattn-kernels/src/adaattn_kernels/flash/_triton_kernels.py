@@ -1128,8 +1128,86 @@ def _bwd_dq_kernel(
     )
 
 
+# --------------------------------------------------------------------------------------------
+# Merging two partial results (ring attention, split key sets)
+# --------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _merge_states_kernel(
+    Out,
+    Lse,
+    OutB,
+    LseB,
+    stride_ob,
+    stride_oh,
+    stride_om,
+    stride_lb,
+    stride_lh,
+    stride_lm,
+    stride_pb,
+    stride_ph,
+    stride_pm,
+    stride_qb,
+    stride_qh,
+    stride_qm,
+    heads,
+    seq,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+):
+    """In place: ``(Out, Lse) ← merge((Out, Lse), (OutB, LseB))`` over one block of rows.
+
+    ``Out``/``OutB`` are ``(B, H, S, D)`` with a contiguous last dimension, ``Lse``/``LseB``
+    ``(B, H, S)`` float32; every other stride is free, so row slices merge without copies.
+    """
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    off_b = (pid_bh // heads).to(tl.int64)
+    off_h = (pid_bh % heads).to(tl.int64)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    row_ok = offs_m < seq
+    la_ptr = Lse + off_b * stride_lb + off_h * stride_lh + offs_m * stride_lm
+    la = tl.load(la_ptr, mask=row_ok, other=0.0)
+    lb = tl.load(
+        LseB + off_b * stride_qb + off_h * stride_qh + offs_m * stride_qm, mask=row_ok, other=0.0
+    )
+    m = tl.maximum(la, lb)
+    m = tl.where(m == float("-inf"), 0.0, m)
+    l_new = m + tl.log(tl.exp(la - m) + tl.exp(lb - m))  # -inf when both are; NaN propagates
+    ref = tl.where(l_new == float("-inf"), 0.0, l_new)
+    wa = tl.exp(la - ref)
+    wb = tl.exp(lb - ref)
+    o_ptr = (
+        Out + off_b * stride_ob + off_h * stride_oh + offs_m[:, None] * stride_om + offs_d[None, :]
+    )
+    o = _load_rows(o_ptr, offs_m, seq, offs_d, HEAD_DIM, BLOCK_D, True).to(tl.float32)
+    ob = _load_rows(
+        OutB
+        + off_b * stride_pb
+        + off_h * stride_ph
+        + offs_m[:, None] * stride_pm
+        + offs_d[None, :],
+        offs_m,
+        seq,
+        offs_d,
+        HEAD_DIM,
+        BLOCK_D,
+        True,
+    ).to(tl.float32)
+    merged = o * wa[:, None] + ob * wb[:, None]
+    d_ok = row_ok[:, None]
+    if BLOCK_D != HEAD_DIM:
+        d_ok = d_ok & (offs_d[None, :] < HEAD_DIM)
+    tl.store(o_ptr, merged.to(Out.dtype.element_ty), mask=d_ok)
+    tl.store(la_ptr, l_new, mask=row_ok)
+
+
 #: Launchers that replay the compiled kernels on repeat calls (see KernelLauncher).
 launch_fwd = KernelLauncher(_fwd_kernel)
 launch_bwd_delta = KernelLauncher(_bwd_delta_kernel)
 launch_bwd_dkdv = KernelLauncher(_bwd_dkdv_kernel)
 launch_bwd_dq = KernelLauncher(_bwd_dq_kernel)
+launch_merge_states = KernelLauncher(_merge_states_kernel)

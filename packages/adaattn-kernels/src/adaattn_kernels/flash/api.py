@@ -13,9 +13,14 @@ from adaattn_kernels._validation import (
     normalize_causal,
     resolve_scale,
 )
-from adaattn_kernels.flash.naive import _reference_forward
+from adaattn_kernels.flash.naive import _reference_forward, merge_attention_states_reference
 
-__all__ = ["TRITON_HEAD_DIMS", "attention", "triton_unsupported_reason"]
+__all__ = [
+    "TRITON_HEAD_DIMS",
+    "attention",
+    "merge_attention_states_",
+    "triton_unsupported_reason",
+]
 
 #: Head dimensions the Triton kernels are built for.
 TRITON_HEAD_DIMS = (32, 64, 96, 128, 256)
@@ -152,3 +157,151 @@ def attention(
     else:
         out, lse = _reference_forward(q, k, v, attn_mask, mode, s)
     return (out, lse) if return_lse else out
+
+
+_MERGE_OUT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def _check_merge_inputs(
+    out: torch.Tensor, lse: torch.Tensor, out_b: torch.Tensor, lse_b: torch.Tensor
+) -> None:
+    for name, t in (("out", out), ("lse", lse), ("out_b", out_b), ("lse_b", lse_b)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"`{name}` must be a torch.Tensor, got {type(t).__name__}")
+        if not t.is_floating_point():
+            raise TypeError(f"`{name}` must be a floating-point tensor, got {t.dtype}")
+        if t.device != out.device:
+            raise ValueError(
+                f"`{name}` is on {t.device} but `out` is on {out.device}; put the four tensors "
+                "on one device"
+            )
+    if out.dim() != 4:
+        raise ValueError(f"`out` must be (B, H, S, D), got shape {tuple(out.shape)}")
+    if out_b.shape != out.shape:
+        raise ValueError(
+            f"`out_b` has shape {tuple(out_b.shape)} but `out` has {tuple(out.shape)}; the two "
+            "partial results must cover the same queries"
+        )
+    for name, t in (("lse", lse), ("lse_b", lse_b)):
+        if t.shape != out.shape[:-1]:
+            raise ValueError(
+                f"`{name}` has shape {tuple(t.shape)}; expected {tuple(out.shape[:-1])} "
+                "(the output's shape without the head dimension)"
+            )
+    if lse.dtype not in (torch.float32, torch.float64):
+        raise TypeError(
+            f"`lse` accumulates the merged log-sum-exp in place and must be float32 or float64, "
+            f"got {lse.dtype}"
+        )
+
+
+def _merge_triton_reason(
+    out: torch.Tensor, lse: torch.Tensor, out_b: torch.Tensor, lse_b: torch.Tensor
+) -> str | None:
+    if not triton_installed():
+        return "Triton is not installed"
+    if not runs_triton(out):
+        return f"`out` is on {out.device} (the kernel needs CUDA, or CPU with TRITON_INTERPRET=1)"
+    for name, t in (("out", out), ("out_b", out_b)):
+        if t.dtype not in _MERGE_OUT_DTYPES:
+            return f"`{name}` has dtype {t.dtype}, not one of {_MERGE_OUT_DTYPES}"
+        if t.stride(-1) != 1:
+            return f"`{name}` has a non-contiguous last dimension"
+    for name, t in (("lse", lse), ("lse_b", lse_b)):
+        if t.dtype != torch.float32:
+            return f"`{name}` has dtype {t.dtype}, not float32"
+    if out.shape[-1] > 256:
+        return f"head_dim {out.shape[-1]} is above 256"
+    if out.shape[0] * out.shape[1] > _MAX_GRID_Y:
+        return f"batch × heads is above {_MAX_GRID_Y}"
+    return None
+
+
+def merge_attention_states_(
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    out_b: torch.Tensor,
+    lse_b: torch.Tensor,
+    *,
+    backend: str = "auto",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    r"""Fold a second partial attention result into a first, in place.
+
+    ``(out, lse)`` and ``(out_b, lse_b)`` are the attention outputs and natural-log
+    log-sum-exps of the same queries over two *disjoint* key sets ``A`` and ``B`` (as
+    :func:`attention` returns them with ``return_lse=True``). Afterwards ``out`` and ``lse`` hold
+    attention over ``A ∪ B``:
+
+    .. math::
+
+        \ell = \log\!\left(e^{\ell_A} + e^{\ell_B}\right), \qquad
+        O = e^{\ell_A - \ell}\, O_A + e^{\ell_B - \ell}\, O_B
+
+    (the online softmax of Milakov & Gimelshein 2018, arXiv 1805.02867, on whole blocks) — exact
+    up to one rounding of the result to ``out.dtype``: the weights and the sum are float32. This
+    is how ring attention combines the blocks of a sharded sequence and how split-key (flash
+    decoding) attention combines its splits. On CUDA one fused Triton kernel reads each input
+    once and writes ``out`` and ``lse`` in place; any stride but the last is free, so row slices
+    (``out[:, :, i0:i1]``) merge without copies. Not differentiable.
+
+    Rows whose two key sets are both empty (``lse = lse_b = -inf``) get output 0 and
+    ``lse = -inf``. NaN in any input propagates to the merged row (never silently masked).
+
+    Args:
+        out: Output over ``A``, ``(B, H, S, D)``; overwritten with the merged output. float16,
+            bfloat16 or float32 on the kernel path (float64 runs the reference).
+        lse: Log-sum-exp over ``A``, ``(B, H, S)``, float32 (float64 on the reference path);
+            overwritten with the merged log-sum-exp.
+        out_b: Output over ``B``, shaped like ``out`` (any float dtype).
+        lse_b: Log-sum-exp over ``B``, shaped like ``lse``.
+        backend: ``"auto"`` (the Triton kernel on CUDA when supported, else the reference),
+            ``"triton"`` (raise ``ValueError`` if unsupported) or ``"reference"``
+            (:func:`~adaattn_kernels.flash.naive.merge_attention_states_reference`, copied back
+            into ``out`` and ``lse``).
+
+    Returns:
+        ``(out, lse)``, the same tensors, merged.
+
+    Raises:
+        TypeError: non-tensor or non-floating inputs, or an ``lse`` that is not float32/float64.
+        ValueError: shapes that do not match, tensors on different devices, an unknown
+            ``backend``, or ``backend="triton"`` with inputs the kernel does not take.
+
+    Example:
+        >>> import torch, adaattn_kernels
+        >>> q, k, v = torch.randn(3, 1, 2, 8, 16).unbind(0)
+        >>> o_a, l_a = adaattn_kernels.attention(q, k[:, :, :5], v[:, :, :5], return_lse=True)
+        >>> o_b, l_b = adaattn_kernels.attention(q, k[:, :, 5:], v[:, :, 5:], return_lse=True)
+        >>> o, _ = adaattn_kernels.merge_attention_states_(o_a, l_a, o_b, l_b)
+        >>> torch.allclose(o, adaattn_kernels.attention(q, k, v), atol=1e-6)
+        True
+    """
+    if backend not in _BACKENDS:
+        raise ValueError(f"`backend` must be one of {_BACKENDS}, got {backend!r}")
+    _check_merge_inputs(out, lse, out_b, lse_b)
+    reason = _merge_triton_reason(out, lse, out_b, lse_b)
+    if backend == "triton" and reason is not None:
+        raise ValueError(f"backend='triton' cannot merge these inputs: {reason}; use 'reference'")
+    use_triton = backend == "triton" or (
+        backend == "auto" and out.device.type == "cuda" and reason is None
+    )
+    if not use_triton:
+        merged, l_new = merge_attention_states_reference(out, lse, out_b, lse_b)
+        out.copy_(merged)
+        lse.copy_(l_new)
+        return out, lse
+    from adaattn_kernels._triton import device_ctx
+    from adaattn_kernels.flash._triton_kernels import launch_merge_states
+
+    b, h, s, d = out.shape
+    block_d = max(16, 1 << (d - 1).bit_length())
+    block_m = 64 if block_d <= 128 else 32
+    with device_ctx(out):
+        launch_merge_states(
+            (-(-s // block_m), b * h),
+            out, lse, out_b, lse_b,
+            *out.stride()[:3], *lse.stride(), *out_b.stride()[:3], *lse_b.stride(),
+            h, s,
+            HEAD_DIM=d, BLOCK_D=block_d, BLOCK_M=block_m,
+        )  # fmt: skip
+    return out, lse

@@ -28,7 +28,11 @@ from adaattn_kernels._validation import (
     resolve_scale,
 )
 
-__all__ = ["attention_backward_reference", "attention_reference"]
+__all__ = [
+    "attention_backward_reference",
+    "attention_reference",
+    "merge_attention_states_reference",
+]
 
 # Scores held at a time: chunk · Sk elements (≈ 64 MiB of float32 at the default).
 _MAX_CHUNK_ELEMENTS = 1 << 24
@@ -207,3 +211,26 @@ def attention_backward_reference(
         dq[..., i0:i1, :] = torch.matmul(ds, kg) * s
         dk += torch.matmul(ds.transpose(-1, -2), qg[..., i0:i1, :]).sum(2) * s
     return dq.reshape(b, hq, sq, d), dk, dv
+
+
+def merge_attention_states_reference(
+    out: torch.Tensor, lse: torch.Tensor, out_b: torch.Tensor, lse_b: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention over the union of two disjoint key sets from the two partial results, in PyTorch.
+
+    With ``ℓ = log(e^{ℓ_A} + e^{ℓ_B})`` the merged output is
+    ``O = e^{ℓ_A − ℓ} O_A + e^{ℓ_B − ℓ} O_B`` (the online softmax of Milakov & Gimelshein 2018,
+    arXiv 1805.02867, applied to whole blocks), computed in float32 (float64 for float64
+    inputs). Rows whose two key sets are both empty (``ℓ_A = ℓ_B = −inf``) give output 0 and
+    ``ℓ = −inf``; NaN in either input propagates.
+
+    Returns:
+        ``(output, lse)``: output in ``out.dtype``, lse in ``lse.dtype``; new tensors.
+    """
+    acc = torch.float64 if torch.float64 in (out.dtype, lse.dtype) else torch.float32
+    la, lb = lse.to(acc), lse_b.to(acc)
+    l_new = torch.logaddexp(la, lb)
+    ref = torch.where(torch.isneginf(l_new), torch.zeros_like(l_new), l_new)
+    merged = out.to(acc) * torch.exp(la - ref).unsqueeze(-1)
+    merged += out_b.to(acc) * torch.exp(lb - ref).unsqueeze(-1)
+    return merged.to(out.dtype), l_new.to(lse.dtype)
