@@ -13,7 +13,9 @@ tokens of q, k, v.
 
 Throughput per GPU counts the whole problem's FLOPs — ``4·B·H·S²·D`` for the forward, halved
 when causal, and 2.5× that for the backward, as in ``bench_flash`` — divided by ``N`` and by
-the slowest rank's median time (CUDA events, the ranks started together after a barrier). The
+the median over the timed calls of the slowest rank's time per call (CUDA events, the ranks
+started together after a barrier; the backward is the median forward+backward time minus the
+median forward time). The
 baseline is the dense kernel (``adaattn_kernels.attention``) on each GPU alone with *the same
 per-GPU work*: the full sequence ``S`` with ``H/N`` query heads (and ``Hkv/N`` key/value heads,
 at least 1), no communication. ``efficiency = ring / dense`` per-GPU TFLOP/s: what the ring's
@@ -29,7 +31,7 @@ import os
 import sys
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 import torch.distributed as dist
@@ -42,31 +44,33 @@ if TYPE_CHECKING:
 HEADS = 16
 HEAD_DIM = 128
 DEVICE = torch.device("cuda")  # --cpu: a gloo smoke run of the script on CPU
+COMM_PRIORITY: Literal["high", "group"] = "high"  # --comm-priority
 
 
 def _time_ms(fn: Callable[[], Any], *, warmup: int, reps: int) -> float:
-    """Mean ms of one call over ``reps`` calls, ranks started together; the slowest rank's."""
+    """Median ms of one call over ``reps`` calls, each the slowest rank's; ranks start together."""
     for _ in range(warmup):
         fn()
     if DEVICE.type == "cuda":
         torch.cuda.synchronize()
     dist.barrier()
+    times = []
     if DEVICE.type == "cuda":
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for _ in range(reps):
+        events = [torch.cuda.Event(enable_timing=True) for _ in range(reps + 1)]
+        events[0].record()
+        for i in range(reps):
             fn()
-        end.record()
+            events[i + 1].record()
         torch.cuda.synchronize()
-        elapsed = start.elapsed_time(end)
+        times = [events[i].elapsed_time(events[i + 1]) for i in range(reps)]
     else:  # --cpu smoke run
-        t0 = time.perf_counter()
         for _ in range(reps):
+            t0 = time.perf_counter()
             fn()
-        elapsed = (time.perf_counter() - t0) * 1e3
-    ms = torch.tensor([elapsed / reps], device=DEVICE)
+            times.append((time.perf_counter() - t0) * 1e3)
+    ms = torch.tensor(times, dtype=torch.float64, device=DEVICE)
     dist.all_reduce(ms, op=dist.ReduceOp.MAX)
-    return float(ms.item())
+    return float(ms.median().item())
 
 
 def _fwd_bwd_ms(
@@ -114,7 +118,7 @@ def _check(
     assert isinstance(out, torch.Tensor)
     grads = torch.autograd.grad(out, full, do)
     local = [shard(t).detach().requires_grad_() for t in (q, k, v)]
-    out_l = ring_attention(*local, causal=causal, layout=layout)
+    out_l = ring_attention(*local, causal=causal, layout=layout, comm_priority=COMM_PRIORITY)
     assert isinstance(out_l, torch.Tensor)
     grads_l = torch.autograd.grad(out_l, local, shard(do))
     errs = {"rel_err_out_vs_dense": rel_error(out_l, shard(out))}
@@ -166,7 +170,7 @@ def run_case(
         ring_row.update(_check(q, k, v, do, causal=causal, layout=layout, rank=rank, world=world))
     local = [shard_sequence(t, rank, world, layout=layout) for t in (q, k, v)]
     fwd, bwd = _fwd_bwd_ms(
-        lambda *t: ring_attention(*t, causal=causal, layout=layout),
+        lambda *t: ring_attention(*t, causal=causal, layout=layout, comm_priority=COMM_PRIORITY),
         *local,
         warmup=warmup,
         reps=reps,
@@ -201,6 +205,52 @@ def run_case(
     return rows
 
 
+def _profile(
+    seq: int,
+    causal: bool,
+    layout: Layout,
+    *,
+    kv_heads: int,
+    rank: int,
+    world: int,
+    trace: str | None = None,
+) -> None:
+    """GPU time per kernel (torch.profiler) of two ring forward+backward calls; rank 0 prints."""
+    from adaattn.distributed import ring_attention
+    from torch.profiler import ProfilerActivity, profile
+
+    s_local = seq // world
+    gen = torch.Generator(device=DEVICE).manual_seed(rank)
+    q, k, v, do = (
+        torch.randn(1, h, s_local, HEAD_DIM, generator=gen, device=DEVICE, dtype=torch.bfloat16)
+        for h in (HEADS, kv_heads, kv_heads, HEADS)
+    )
+    leaves = [t.requires_grad_() for t in (q, k, v)]
+
+    def step() -> None:
+        out = ring_attention(*leaves, causal=causal, layout=layout, comm_priority=COMM_PRIORITY)
+        torch.autograd.grad(out, leaves, do)
+
+    cuda = DEVICE.type == "cuda"
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    step()
+    sync()
+    dist.barrier()
+    activities = [ProfilerActivity.CPU, *([ProfilerActivity.CUDA] if cuda else [])]
+    with profile(activities=activities) as prof:
+        for _ in range(2):
+            step()
+        sync()
+    if trace:
+        os.makedirs(trace, exist_ok=True)
+        name = f"ring_{seq}_{'causal' if causal else 'full'}_{layout}_rank{rank}.json"
+        prof.export_chrome_trace(os.path.join(trace, name))
+    if rank == 0:
+        key = "self_cuda_time_total" if cuda else "self_cpu_time_total"
+        table = prof.key_averages().table(sort_by=key, row_limit=14)
+        print(f"profile: seq {seq} causal {causal} {layout}, 2 calls, rank 0\n{table}", flush=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="seq 32k only")
@@ -208,6 +258,22 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--kv-heads", type=int, default=HEADS, help="key/value heads (GQA if < 16)")
     ap.add_argument("--layouts", nargs="*", default=["zigzag"], choices=["zigzag", "contiguous"])
     ap.add_argument("--no-check", action="store_true", help="skip the correctness check")
+    ap.add_argument(
+        "--profile",
+        action="store_true",
+        help="rank 0 prints the GPU time per kernel of two ring forward+backward calls per case",
+    )
+    ap.add_argument(
+        "--trace",
+        metavar="DIR",
+        help="with --profile: every rank writes its Chrome trace of the profiled calls to DIR",
+    )
+    ap.add_argument(
+        "--comm-priority",
+        choices=["high", "group"],
+        default="high",
+        help="ring_attention(comm_priority=...): transfers on a high-priority twin group or not",
+    )
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--reps", type=int, default=10)
     ap.add_argument(
@@ -223,7 +289,8 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 1
-    global DEVICE
+    global DEVICE, COMM_PRIORITY
+    COMM_PRIORITY = args.comm_priority
     if args.cpu:
         DEVICE = torch.device("cpu")
         dist.init_process_group("gloo")
@@ -236,7 +303,14 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     seqs = args.seqs or ([32768] if args.quick else [32768, 65536, 131072])
     rows: list[dict[str, Any]] = []
-    extra = {"world": world, "kv_heads": args.kv_heads, "smoke_cpu": args.cpu}
+    nccl_env = {k: v for k, v in os.environ.items() if k.startswith(("NCCL_", "TORCH_NCCL_"))}
+    extra = {
+        "world": world,
+        "kv_heads": args.kv_heads,
+        "smoke_cpu": args.cpu,
+        "comm_priority": args.comm_priority,
+        "nccl_env": nccl_env,
+    }
     layouts: list[Layout] = args.layouts
     for layout in layouts:
         for causal in (False, True):
@@ -254,6 +328,11 @@ def main(argv: list[str] | None = None) -> int:
                     warmup=args.warmup,
                     reps=args.reps,
                 )
+                if args.profile:
+                    _profile(
+                        seq, causal, layout, kv_heads=args.kv_heads, rank=rank, world=world,
+                        trace=args.trace,
+                    )  # fmt: skip
                 rows += new
                 if rank == 0:
                     for r in new:

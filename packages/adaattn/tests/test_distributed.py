@@ -176,7 +176,7 @@ def _run_cases(rank: int, world: int, seed: int, cases: list[dict[str, Any]]) ->
 
 
 def _world2(rank: int, world: int, seed: int) -> None:
-    f32, f64 = torch.float32, torch.float64
+    f32, f64, bf16 = torch.float32, torch.float64, torch.bfloat16
     cases: list[dict[str, Any]] = [
         {"causal": True, "layout": "zigzag", "heads": (2, 2), "dtype": f64, "loss": "out+lse"},
         {"causal": True, "layout": "contiguous", "heads": (2, 2), "dtype": f64, "loss": "out"},
@@ -184,6 +184,8 @@ def _world2(rank: int, world: int, seed: int) -> None:
         {"causal": False, "layout": "contiguous", "heads": (4, 2), "dtype": f32, "loss": "out+lse"},
         {"causal": True, "layout": "zigzag", "heads": (4, 1), "dtype": f32, "loss": "out+lse"},
         {"causal": True, "layout": "contiguous", "heads": (4, 2), "dtype": f32, "loss": "out"},
+        # 16-bit inputs accumulate in their own dtype over two ranks (one addition each).
+        {"causal": True, "layout": "zigzag", "heads": (2, 2), "dtype": bf16, "loss": "out+lse"},
     ]
     for c in cases:
         c["seq"] = 32
@@ -204,6 +206,8 @@ def _errors(rank: int, world: int) -> None:
         ring_attention(x, x, x, layout="striped")  # type: ignore[arg-type]
     with pytest.raises(TypeError, match="causal"):
         ring_attention(x, x, x, causal=1)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="comm_priority"):
+        ring_attention(x, x, x, comm_priority="low")  # type: ignore[arg-type]
     with pytest.raises(NotImplementedError, match="hybrid"):
         ring_attention(x, x, x, plan=object())  # type: ignore[arg-type]
     # Shards of different lengths on different ranks: every rank raises, nobody hangs.
@@ -264,6 +268,8 @@ def _world4(rank: int, world: int, seed: int) -> None:
         {"causal": True, "layout": "zigzag", "heads": (4, 2), "dtype": f64, "loss": "out+lse"},
         {"causal": True, "layout": "contiguous", "heads": (2, 2), "dtype": f32, "loss": "out"},
         {"causal": False, "layout": "zigzag", "heads": (2, 1), "dtype": f64, "loss": "out"},
+        # 16-bit inputs over four ranks: the partial results accumulate in float32.
+        {"causal": True, "layout": "zigzag", "heads": (2, 2), "dtype": bf16, "loss": "out+lse"},
     ]
     _run_cases(rank, world, seed, [{**c, "seq": 64} for c in cases])
     # Sub-groups: ranks 1, 2, 3 (group ranks 0, 1, 2 differ from the global ones), and rank 0
@@ -401,8 +407,10 @@ def _gpu_main() -> None:  # pragma: no cover - needs 2 GPUs
             want = run(partial(attention_reference, causal=causal), dout, q, k, v)
             bf = [t.bfloat16() for t in (q, k, v, dout)]
             single = run(partial(attention, causal=causal), bf[3], *bf[:3])
+            # The transfers on the high-priority twin group (default) and on the group's own.
+            priority = "high" if layout == "zigzag" else "group"
             ring = run(
-                partial(ring_attention, causal=causal, layout=layout),
+                partial(ring_attention, causal=causal, layout=layout, comm_priority=priority),
                 *(shard(t) for t in (bf[3], *bf[:3])),
             )
             for name, r, s, w in zip(("out", "dq", "dk", "dv"), ring, single, want):

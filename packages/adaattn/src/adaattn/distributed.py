@@ -48,6 +48,7 @@ Example:
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from functools import partial
@@ -229,20 +230,58 @@ def _check_initialized(caller: str) -> None:
 
 @dataclass
 class _Pending:
-    """In-flight point-to-point work; holds the send buffer until the transfer completes."""
+    """In-flight point-to-point work; holds the send buffers until the transfer completes."""
 
     works: list[Any]
-    send: torch.Tensor
+    send: tuple[torch.Tensor, ...]
+    received: tuple[torch.Tensor, ...]  # valid once wait() returned
 
     def wait(self) -> None:
         for work in self.works:
             work.wait()
 
 
+#: Per process group: its high-priority NCCL twin that carries the ring's transfers.
+_PRIORITY_TWINS: dict[dist.ProcessGroup, dist.ProcessGroup] = {}
+
+
+def _transfer_group(
+    pg: dist.ProcessGroup, group: dist.ProcessGroup | None, comm_priority: str
+) -> dist.ProcessGroup | None:
+    """The group whose streams carry the ring's point-to-point transfers.
+
+    NCCL runs a transfer as a kernel on the group's own stream. When that kernel and the
+    attention kernel of the same step become ready together, the attention kernel's thousands
+    of blocks can take every SM first and the transfer waits for them: it ends up behind the
+    step's compute instead of beside it. On a high-priority stream its few blocks are scheduled
+    first. With ``comm_priority="high"`` an NCCL group therefore gets a twin over the same ranks
+    with high-priority streams (one extra communicator, created on the first call by the group's
+    members and kept), unless ``TORCH_NCCL_HIGH_PRIORITY=1`` made every NCCL stream high
+    priority already.
+    """
+    if comm_priority == "group" or dist.get_backend(pg) != "nccl":
+        return group
+    if os.environ.get("TORCH_NCCL_HIGH_PRIORITY", "0") == "1":
+        return group
+    twin = _PRIORITY_TWINS.get(pg)
+    if twin is None:
+        options = dist.ProcessGroupNCCL.Options()
+        options.is_high_priority_stream = True
+        twin = dist.new_group(
+            dist.get_process_group_ranks(pg),
+            backend="nccl",
+            pg_options=options,
+            use_local_synchronization=True,
+        )
+        assert twin is not None
+        _PRIORITY_TWINS[pg] = twin
+    return twin
+
+
 class _Ring:
     """This rank's place in the ring of ``group``: send to the next rank, receive from the last."""
 
-    def __init__(self, group: dist.ProcessGroup | None) -> None:
+    def __init__(self, group: dist.ProcessGroup | None, comm_priority: str = "group") -> None:
         pg = group if group is not None else dist.group.WORLD
         assert pg is not None
         self.group = group
@@ -256,16 +295,27 @@ class _Ring:
         self.world = dist.get_world_size(pg)
         self.next = dist.get_global_rank(pg, (self.rank + 1) % self.world)
         self.prev = dist.get_global_rank(pg, (self.rank - 1) % self.world)
+        self.comm_priority = comm_priority
+        self._transfer: tuple[dist.ProcessGroup | None] | None = None
 
-    def exchange(self, send: torch.Tensor, tag: int) -> tuple[torch.Tensor, _Pending]:
-        """Post ``send`` to the next rank and a receive of the same shape from the previous one."""
-        recv = torch.empty_like(send)
-        ops = [
-            dist.P2POp(dist.isend, send, self.next, self.group, tag),
-            dist.P2POp(dist.irecv, recv, self.prev, self.group, tag),
-        ]
+    @property
+    def transfer(self) -> dist.ProcessGroup | None:
+        """The group of the transfers; resolved on the first transfer, after every check."""
+        if self._transfer is None:
+            self._transfer = (_transfer_group(self.pg, self.group, self.comm_priority),)
+        return self._transfer[0]
+
+    def exchange(self, send: tuple[torch.Tensor, ...], tag: int) -> _Pending:
+        """Post ``send`` to the next rank and receives of the same shapes from the previous one.
+
+        One message per tensor; contiguous tensors (the usual case) travel without a copy.
+        """
+        send = tuple(t.contiguous() for t in send)
+        recv = tuple(torch.empty_like(t) for t in send)
+        ops = [dist.P2POp(dist.isend, t, self.next, self.transfer, tag) for t in send]
+        ops += [dist.P2POp(dist.irecv, t, self.prev, self.transfer, tag) for t in recv]
         works = dist.batch_isend_irecv(ops)
-        return recv, _Pending(list(works), send)
+        return _Pending(list(works), send, recv)
 
 
 @dataclass(frozen=True)
@@ -373,14 +423,17 @@ def _block_backward(
     scale: float,
     triton: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(dq, dk, dv)`` of one block from the global ``out`` and ``lse`` (in ``lse.dtype``)."""
+    """``(dq, dk, dv)`` of one block from the global ``out`` and ``lse``.
+
+    In the inputs' dtype from the Triton kernels, in ``lse.dtype`` from the reference.
+    """
     if triton:
         from adaattn_kernels._validation import CAUSAL_NONE, CAUSAL_TOP_LEFT
         from adaattn_kernels.flash.op import flash_attention_backward_op
 
         mode = CAUSAL_TOP_LEFT if causal else CAUSAL_NONE
-        grads = flash_attention_backward_op(do, q, k, v, None, out, lse, dlse, mode, scale)
-        return grads[0].to(lse.dtype), grads[1].to(lse.dtype), grads[2].to(lse.dtype)
+        dq, dk, dv = flash_attention_backward_op(do, q, k, v, None, out, lse, dlse, mode, scale)
+        return dq, dk, dv
     from adaattn_kernels.flash.naive import attention_backward_reference
 
     return attention_backward_reference(
@@ -388,18 +441,19 @@ def _block_backward(
     )
 
 
-def _merge(
-    out: torch.Tensor, lse: torch.Tensor, o_b: torch.Tensor, l_b: torch.Tensor, rows: slice
-) -> None:
-    """Fold a block's ``(o_b, l_b)`` into the running ``(out, lse)`` rows, in place."""
-    o_old, l_old = _seq(out, rows), _seq(lse, rows)
-    l_b = l_b.to(lse.dtype)
-    l_new = torch.logaddexp(l_old, l_b)
-    ref = torch.where(torch.isneginf(l_new), torch.zeros_like(l_new), l_new)  # rows seeing nothing
-    merged = o_old * torch.exp(l_old - ref).unsqueeze(-1)
-    merged += o_b.to(out.dtype) * torch.exp(l_b - ref).unsqueeze(-1)
-    o_old.copy_(merged)
-    l_old.copy_(l_new)
+def _acc_dtype(dtype: torch.dtype, world: int) -> torch.dtype:
+    """The dtype the ring accumulates outputs and gradients in.
+
+    With two ranks every accumulator takes exactly one addition — the block of the other shard
+    — and then goes home to be rounded to the input dtype, so accumulating in the input dtype
+    (each addition computed in float32, rounded once) gives the same result as a float32
+    accumulator, with half the memory traffic and half the bytes on the wire. More ranks add
+    more partial results, each of which would be rounded, so 16-bit inputs accumulate in
+    float32 there.
+    """
+    if world <= 2 or dtype in (torch.float32, torch.float64):
+        return dtype
+    return torch.float32
 
 
 def _ring_forward(
@@ -417,30 +471,30 @@ def _ring_forward(
     """The forward ring; ``block_fn(q, k, v, causal)`` (default: the exact kernels) does a block."""
     if block_fn is None:
         block_fn = partial(_block_forward, scale=scale, triton=triton)
-    acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+    from adaattn_kernels import merge_attention_states_
+
+    acc = _acc_dtype(q.dtype, ring.world)
     length = q.shape[2]
     out: torch.Tensor | None = None
     lse: torch.Tensor | None = None
-    kv = torch.stack((k, v)) if ring.world > 1 else None
-    cur_k, cur_v = k, v
+    kv: tuple[torch.Tensor, ...] = (k, v)
     for step in range(ring.world):
         src = (ring.rank - step) % ring.world
         pending = None
-        if kv is not None and step + 1 < ring.world:
-            kv_next, pending = ring.exchange(kv, _TAG_KV)  # overlaps the block below
+        if step + 1 < ring.world:
+            pending = ring.exchange(kv, _TAG_KV)  # overlaps the block below
         blk = _block(layout, causal, ring.rank, src, length)
         if blk is not None:
             o_b, l_b = block_fn(
-                _seq(q, blk.rows), _seq(cur_k, blk.cols), _seq(cur_v, blk.cols), blk.causal
+                _seq(q, blk.rows), _seq(kv[0], blk.cols), _seq(kv[1], blk.cols), blk.causal
             )
             if out is None or lse is None:  # step 0, the own shard: every row
-                out, lse = o_b.to(acc), l_b.to(acc)
-            else:
-                _merge(out, lse, o_b, l_b, blk.rows)
+                out, lse = o_b.to(acc), l_b
+            else:  # one fused pass, in place over the block's rows
+                merge_attention_states_(_seq(out, blk.rows), _seq(lse, blk.rows), o_b, l_b)
         if pending is not None:
             pending.wait()
-            kv = kv_next
-            cur_k, cur_v = kv[0], kv[1]
+            kv = pending.received
     assert out is not None
     assert lse is not None
     return out.to(q.dtype), lse
@@ -461,24 +515,24 @@ def _ring_backward(
     ring: _Ring,
     triton: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Rotate K/V again; the dK/dV accumulator of each shard travels with it and comes home.
+    """Rotate K/V again; the other ranks' dK/dV contributions to each shard travel home with it.
 
-    The accumulator of rank ``j``'s shard starts at rank ``j``, gains each rank's contribution as
-    it visits, and after ``W`` hops is back at ``j``. Its transfer is posted as soon as the block
-    is done and waited for only before the next addition, so it overlaps the next block too.
+    Rank ``r``'s own block (step 0) gives its shard's own dK/dV contribution, which stays home.
+    The accumulator of the *other* ranks' contributions to shard ``j`` starts at its first
+    visitor (rank ``j + 1``, step 1), moves one rank per step with the shard, and after step
+    ``W − 1`` takes its last hop home, where the own contribution is added: ``W − 1`` transfers
+    per rank. Each transfer is posted as soon as its block is done and waited for only before
+    the next addition, so it overlaps the next block; only the last hop is exposed.
     """
-    acc = lse.dtype
+    acc = _acc_dtype(q.dtype, ring.world)
     length = q.shape[2]
-    dq = torch.zeros(q.shape, dtype=acc, device=q.device)
-    kv = torch.stack((k, v)) if ring.world > 1 else None
-    cur_k, cur_v = k, v
-    dkv: torch.Tensor | None = None  # the accumulator of the shard held now, once received
-    dkv_pending: _Pending | None = None
+    kv: tuple[torch.Tensor, ...] = (k, v)
+    dq: torch.Tensor | None = None
+    own: tuple[torch.Tensor, ...] | None = None  # this shard's dK/dV from the own block
+    travelling: _Pending | None = None  # the accumulator of the shard the next step holds
     for step in range(ring.world):
         src = (ring.rank - step) % ring.world
-        kv_pending = None
-        if kv is not None and step + 1 < ring.world:
-            kv_next, kv_pending = ring.exchange(kv, _TAG_KV)
+        kv_pending = ring.exchange(kv, _TAG_KV) if step + 1 < ring.world else None
         blk = _block(layout, causal, ring.rank, src, length)
         grads = None
         if blk is not None:
@@ -486,8 +540,8 @@ def _ring_backward(
             grads = _block_backward(
                 _seq(do, rows),
                 _seq(q, rows),
-                _seq(cur_k, blk.cols),
-                _seq(cur_v, blk.cols),
+                _seq(kv[0], blk.cols),
+                _seq(kv[1], blk.cols),
                 _seq(out, rows),
                 _seq(lse, rows),
                 None if dlse is None else _seq(dlse, rows),
@@ -495,25 +549,41 @@ def _ring_backward(
                 scale,
                 triton,
             )
-            _seq(dq, rows).add_(grads[0])
-        if dkv_pending is None:  # step 0: this rank starts its own shard's accumulator
-            dkv = torch.zeros((2, *k.shape), dtype=acc, device=k.device)
+        if step == 0:
+            # The own shard covers every row and column: its gradients start dQ and the own
+            # dK/dV contribution (no zero fill, no extra pass).
+            assert grads is not None
+            dq, dk0, dv0 = (g.to(acc) for g in grads)
+            own = (dk0, dv0)
         else:
-            dkv_pending.wait()
-        assert dkv is not None
-        if blk is not None and grads is not None:
-            _seq(dkv[0], blk.cols).add_(grads[1])
-            _seq(dkv[1], blk.cols).add_(grads[2])
-        if ring.world > 1:
-            dkv, dkv_pending = ring.exchange(dkv, _TAG_DKV)
+            assert dq is not None
+            if blk is not None and grads is not None:
+                _seq(dq, blk.rows).add_(grads[0])
+            dkv: tuple[torch.Tensor, ...]
+            if travelling is None:  # step 1: this rank is the shard's first visitor
+                if blk is not None and grads is not None and blk.cols == _ALL:
+                    dkv = (grads[1].to(acc), grads[2].to(acc))
+                    grads = None  # taken whole
+                else:
+                    dkv = (torch.zeros_like(kv[0], dtype=acc), torch.zeros_like(kv[1], dtype=acc))
+            else:
+                travelling.wait()
+                dkv = travelling.received
+            if blk is not None and grads is not None:
+                _seq(dkv[0], blk.cols).add_(grads[1])
+                _seq(dkv[1], blk.cols).add_(grads[2])
+            travelling = ring.exchange(dkv, _TAG_DKV)
         if kv_pending is not None:
             kv_pending.wait()
-            kv = kv_next
-            cur_k, cur_v = kv[0], kv[1]
-    if dkv_pending is not None:
-        dkv_pending.wait()  # this rank's own accumulator, home after W hops
-    assert dkv is not None
-    return dq.to(q.dtype), dkv[0].to(k.dtype), dkv[1].to(v.dtype)
+            kv = kv_pending.received
+    assert dq is not None
+    assert own is not None
+    dk, dv = own
+    if travelling is not None:
+        travelling.wait()  # every other rank's contribution to this rank's shard, home
+        dk = dk.add_(travelling.received[0])
+        dv = dv.add_(travelling.received[1])
+    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
 
 
 class _RingAttention(torch.autograd.Function):
@@ -615,6 +685,7 @@ def ring_attention(
     plan: HybridPlan | None = None,
     precision: Literal["exact", "fp8"] = "exact",
     fp8_options: Mapping[str, Any] | None = None,
+    comm_priority: Literal["high", "group"] = "high",
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Exact attention over a sequence sharded across the ranks of ``group`` (ring attention).
 
@@ -653,6 +724,13 @@ def ring_attention(
         fp8_options: Keyword arguments for ``fp8_attention`` with ``precision="fp8"``
             (``qk_dtype``, ``pv_dtype``, ``granularity``, ``block_size``,
             ``outlier_channels``).
+        comm_priority: Where an NCCL group's key/value transfers run. ``"high"`` (default):
+            on a high-priority twin of ``group`` over the same ranks, created on the first call
+            and kept (one extra NCCL communicator), so that each transfer overlaps its step's
+            attention kernel instead of waiting behind it (measured on two H100s at 32k tokens,
+            causal: forward 0.77× → 0.95× single-GPU throughput). Not needed, and not created,
+            when ``TORCH_NCCL_HIGH_PRIORITY=1`` is set. ``"group"``: on ``group``'s own
+            streams. Other backends (gloo) ignore it.
 
     Returns:
         The local output ``(B, Hq, S_local, D)`` in ``q.dtype``, or ``(output, lse)``.
@@ -678,6 +756,8 @@ def ring_attention(
         raise TypeError(f"`causal` must be a bool, got {type(causal).__name__}")
     if precision not in ("exact", "fp8"):
         raise ValueError(f"`precision` must be 'exact' or 'fp8', got {precision!r}")
+    if comm_priority not in ("high", "group"):
+        raise ValueError(f"`comm_priority` must be 'high' or 'group', got {comm_priority!r}")
     if fp8_options is not None and precision != "fp8":
         raise ValueError("`fp8_options` is only used with precision='fp8'")
     options = dict(fp8_options or {})
@@ -712,7 +792,7 @@ def ring_attention(
             "multiple of 2·world), or use layout='contiguous'"
         )
     s = resolve_scale(scale, shape.head_dim)
-    ring = _Ring(group)
+    ring = _Ring(group, comm_priority)
     if dist.get_backend(ring.pg) == "nccl" and not q.is_cuda:
         raise ValueError(
             f"the group's backend is NCCL but `q` is on {q.device}; move the shards to this "
