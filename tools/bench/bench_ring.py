@@ -15,7 +15,9 @@ Throughput per GPU counts the whole problem's FLOPs — ``4·B·H·S²·D`` for 
 when causal, and 2.5× that for the backward, as in ``bench_flash`` — divided by ``N`` and by
 the median over the timed calls of the slowest rank's time per call (CUDA events, the ranks
 started together after a barrier; the backward is the median forward+backward time minus the
-median forward time). The
+median forward time). Ring and baseline are timed in alternation, ``--rounds`` times each
+(default 2), and each figure is the mean of its rounds' medians: the cards' clocks drift by
+several percent within a minute, and alternating spreads the drift over both. The
 baseline is the dense kernel (``adaattn_kernels.attention``) on each GPU alone with *the same
 per-GPU work*: the full sequence ``S`` with ``H/N`` query heads (and ``Hkv/N`` key/value heads,
 at least 1), no communication. ``efficiency = ring / dense`` per-GPU TFLOP/s: what the ring's
@@ -140,6 +142,7 @@ def run_case(
     check: bool,
     warmup: int,
     reps: int,
+    rounds: int = 2,
 ) -> list[dict[str, Any]]:
     import adaattn_kernels
     from adaattn.distributed import ring_attention, shard_sequence
@@ -169,27 +172,31 @@ def run_case(
     if check:
         ring_row.update(_check(q, k, v, do, causal=causal, layout=layout, rank=rank, world=world))
     local = [shard_sequence(t, rank, world, layout=layout) for t in (q, k, v)]
-    fwd, bwd = _fwd_bwd_ms(
-        lambda *t: ring_attention(*t, causal=causal, layout=layout, comm_priority=COMM_PRIORITY),
-        *local,
-        warmup=warmup,
-        reps=reps,
-    )
     rows.append(ring_row)
 
     # The dense kernel on each GPU alone, the same work: full sequence, H/N query heads.
     dense_row: dict[str, Any] = {"method": "dense_single_gpu", **base}
     hq, hkv = HEADS // world, max(1, kv_heads // world)
     dense_row.update({"heads": hq, "kv_heads": hkv})
-    dfwd, dbwd = _fwd_bwd_ms(
-        lambda *t: adaattn_kernels.attention(*t, causal=causal),
-        q[:, :hq].contiguous(),
-        k[:, :hkv].contiguous(),
-        v[:, :hkv].contiguous(),
-        warmup=warmup,
-        reps=reps,
-    )
+    dense_in = [t[:, :h].contiguous() for t, h in ((q, hq), (k, hkv), (v, hkv))]
     rows.append(dense_row)
+
+    def ring_call(*t: torch.Tensor) -> Any:
+        return ring_attention(*t, causal=causal, layout=layout, comm_priority=COMM_PRIORITY)
+
+    def dense_call(*t: torch.Tensor) -> Any:
+        return adaattn_kernels.attention(*t, causal=causal)
+
+    # Ring and dense alternate for ``rounds`` rounds; each figure is the mean of its rounds'
+    # medians, so a drift of the cards' clocks during the case weighs on both alike.
+    timed: dict[str, list[tuple[float, float]]] = {"ring": [], "dense": []}
+    for _ in range(rounds):
+        timed["ring"].append(_fwd_bwd_ms(ring_call, *local, warmup=warmup, reps=reps))
+        timed["dense"].append(_fwd_bwd_ms(dense_call, *dense_in, warmup=warmup, reps=reps))
+    fwd, bwd = (sum(x) / rounds for x in zip(*timed["ring"]))
+    dfwd, dbwd = (sum(x) / rounds for x in zip(*timed["dense"]))
+    ring_row["fwd_ms_rounds"] = [f for f, _ in timed["ring"]]
+    dense_row["fwd_ms_rounds"] = [f for f, _ in timed["dense"]]
 
     for row, (f, b) in ((ring_row, (fwd, bwd)), (dense_row, (dfwd, dbwd))):
         row["fwd_ms"], row["bwd_ms"] = f, b
@@ -251,6 +258,23 @@ def _profile(
         print(f"profile: seq {seq} causal {causal} {layout}, 2 calls, rank 0\n{table}", flush=True)
 
 
+def _autotune_choices() -> dict[str, dict[str, str]]:
+    """The configuration the dense kernels' autotuners chose per key in this process.
+
+    Recorded with the results: a block shape tuned to a slower configuration (the timings of
+    autotuning are noisy) explains a run's efficiency better than guesses do.
+    """
+    if DEVICE.type != "cuda":
+        return {}
+    from adaattn_kernels.flash import _triton_kernels as tk
+
+    kernels = {"fwd": tk._fwd_kernel, "bwd_dkdv": tk._bwd_dkdv_kernel, "bwd_dq": tk._bwd_dq_kernel}
+    return {
+        name: {str(key): str(cfg) for key, cfg in getattr(kernel, "cache", {}).items()}
+        for name, kernel in kernels.items()
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="seq 32k only")
@@ -276,6 +300,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--reps", type=int, default=10)
+    ap.add_argument(
+        "--rounds", type=int, default=2, help="alternating ring/dense timing rounds per case"
+    )
     ap.add_argument(
         "--cpu",
         action="store_true",
@@ -327,6 +354,7 @@ def main(argv: list[str] | None = None) -> int:
                     check=not args.no_check,
                     warmup=args.warmup,
                     reps=args.reps,
+                    rounds=args.rounds,
                 )
                 if args.profile:
                     _profile(
@@ -350,7 +378,7 @@ def main(argv: list[str] | None = None) -> int:
                 if DEVICE.type == "cuda":
                     torch.cuda.empty_cache()
     if rank == 0:
-        write_results("ring", rows, **extra)
+        write_results("ring", rows, **extra, autotune=_autotune_choices())
     dist.destroy_process_group()
     return 0
 

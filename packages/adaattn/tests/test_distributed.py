@@ -136,16 +136,27 @@ def _check_case(
     def shard(t: torch.Tensor) -> torch.Tensor:
         return shard_sequence(t, grank, gworld, layout=layout)  # type: ignore[arg-type]
 
-    local = [shard(t).to(dtype).requires_grad_() for t in (q, k, v)]
-    res = ring_attention(
-        *local, causal=causal, scale=scale, layout=layout, return_lse=with_lse, group=group
-    )
-    out, lse = res if with_lse else (res, None)
-    total = (out * shard(dout).to(dtype)).sum() if with_out else 0.0
-    if lse is not None:
-        total = total + (lse * shard(dlse).to(lse.dtype)).sum()
-    assert isinstance(total, torch.Tensor)
-    total.backward()
+    def ring() -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor | None]:
+        local = [shard(t).to(dtype).requires_grad_() for t in (q, k, v)]
+        res = ring_attention(
+            *local, causal=causal, scale=scale, layout=layout, return_lse=with_lse, group=group
+        )
+        out, lse = res if with_lse else (res, None)
+        total = (out * shard(dout).to(dtype)).sum() if with_out else 0.0
+        if lse is not None:
+            total = total + (lse * shard(dlse).to(lse.dtype)).sum()
+        assert isinstance(total, torch.Tensor)
+        total.backward()
+        return local, out.detach(), None if lse is None else lse.detach()
+
+    # The first call of a signature runs its transfers unoverlapped, later ones overlap them
+    # with compute (adaattn.distributed._WARM): the same maths, so the same bits.
+    local, out, lse = ring()
+    again = ring()
+    for first, second in zip(
+        [out, lse, *(t.grad for t in local)], [*again[1:], *(t.grad for t in again[0])]
+    ):
+        assert (first is None and second is None) or torch.equal(first, second), case
 
     rtol, atol = TOLERANCE[dtype]
 

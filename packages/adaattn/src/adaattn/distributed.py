@@ -15,9 +15,17 @@ output through the log-sum-exp the kernels return. For two disjoint key sets ``A
     O = e^{\ell_A - \ell}\, O_A + e^{\ell_B - \ell}\, O_B,
 
 which is exact (the online softmax of Milakov & Gimelshein 2018, arXiv 1805.02867, applied to
-whole blocks). The backward pass rotates the key/value shards again and sends the ``dK``/``dV``
-accumulators around the ring with them; every block's gradient is computed from the *global*
-log-sum-exp, so the blocks' probabilities are the global softmax's.
+whole blocks; :func:`adaattn_kernels.merge_attention_states_` does it in one fused pass, in
+place). The backward pass rotates the key/value shards again; the other ranks' ``dK``/``dV``
+contributions to a shard travel with it from its first visitor and reach home after ``W − 1``
+hops, while the own block's contribution never leaves. Every block's gradient is computed from
+the *global* log-sum-exp, so the blocks' probabilities are the global softmax's.
+
+Transfers. Each step's transfer is one NCCL message per tensor, posted before the step's
+compute. By default (``comm_priority="high"``) they run on high-priority NCCL streams, so the
+transfer's few blocks are scheduled beside the attention kernel instead of queueing behind its
+thousands. The first forward and the first backward of each call signature run their transfers
+unoverlapped, so that the Triton autotuner times the block kernels alone.
 
 Causal load balance. With the ``"contiguous"`` layout rank ``r`` holds the ``r``-th of ``W``
 equal chunks, and causal attention gives the last rank ``W`` times the work of the first. The
@@ -237,8 +245,10 @@ class _Pending:
     received: tuple[torch.Tensor, ...]  # valid once wait() returned
 
     def wait(self) -> None:
+        """Wait for every transfer; later calls return at once (gloo's wait is not idempotent)."""
         for work in self.works:
             work.wait()
+        self.works = []
 
 
 #: Per process group: its high-priority NCCL twin that carries the ring's transfers.
@@ -297,6 +307,9 @@ class _Ring:
         self.prev = dist.get_global_rank(pg, (self.rank - 1) % self.world)
         self.comm_priority = comm_priority
         self._transfer: tuple[dist.ProcessGroup | None] | None = None
+        #: False: every transfer completes before the step's compute starts (see _WARM).
+        self.overlap = True
+        self.signature: tuple[Any, ...] = ()  # the call's key in _CHECKED / _WARM
 
     @property
     def transfer(self) -> dist.ProcessGroup | None:
@@ -314,8 +327,10 @@ class _Ring:
         recv = tuple(torch.empty_like(t) for t in send)
         ops = [dist.P2POp(dist.isend, t, self.next, self.transfer, tag) for t in send]
         ops += [dist.P2POp(dist.irecv, t, self.prev, self.transfer, tag) for t in recv]
-        works = dist.batch_isend_irecv(ops)
-        return _Pending(list(works), send, recv)
+        pending = _Pending(list(dist.batch_isend_irecv(ops)), send, recv)
+        if not self.overlap:
+            pending.wait()
+        return pending
 
 
 @dataclass(frozen=True)
@@ -618,6 +633,8 @@ class _RingAttention(torch.autograd.Function):
         ctx: Any, dout: torch.Tensor | None, dlse: torch.Tensor | None
     ) -> tuple[torch.Tensor | None, ...]:
         q, k, v, out, lse = ctx.saved_tensors
+        ring = ctx.options["ring"]
+        _warm_pass(ring, ring.signature, "bwd")
         if dout is None:
             dout = torch.zeros_like(out)
         dq, dk, dv = _ring_backward(dout, dlse, q, k, v, out, lse, **ctx.options)
@@ -631,11 +648,24 @@ class _RingAttention(torch.autograd.Function):
 _FP8_OPTIONS = ("qk_dtype", "pv_dtype", "granularity", "block_size", "outlier_channels")
 _SIGNATURE = ("batch", "heads of q", "heads of k/v", "local length", "head_dim")
 _CHECKED: set[tuple[Any, ...]] = set()
+#: ``(signature key, "fwd" | "bwd")`` of the passes that ran once in this process. The first
+#: pass of a signature runs with ``overlap=False``: there the Triton autotuner benchmarks each
+#: block's kernel configurations, and a transfer running beside them on the same SMs would skew
+#: its timings (a config chosen under contention stays chosen for the life of the process).
+#: Later passes overlap every transfer with compute.
+_WARM: set[tuple[Any, ...]] = set()
+
+
+def _warm_pass(ring: _Ring, key: tuple[Any, ...], kind: str) -> None:
+    """Set ``ring.overlap`` for a pass of ``key`` (False the first time) and mark it seen."""
+    ring.signature = key
+    ring.overlap = (key, kind) in _WARM
+    _WARM.add((key, kind))
 
 
 def _check_same_on_all_ranks(
     ring: _Ring, q: torch.Tensor, k: torch.Tensor, causal: bool, scale: float, layout: str
-) -> None:
+) -> tuple[Any, ...]:
     """One small all-gather per distinct call signature: the ranks must agree, or nobody runs.
 
     Mismatched shards would otherwise hang the ring (NCCL) or fail on one rank only. The check
@@ -645,7 +675,7 @@ def _check_same_on_all_ranks(
     signature = (*values, _FLOAT_DTYPES.index(q.dtype), int(causal), LAYOUTS.index(layout), scale)
     key = (id(ring.pg), signature)
     if key in _CHECKED:
-        return
+        return key
     device = torch.device("cpu") if dist.get_backend(ring.pg) == "gloo" else q.device
     mine = torch.tensor(signature, dtype=torch.float64, device=device)
     gathered = [torch.empty_like(mine) for _ in range(ring.world)]
@@ -670,6 +700,7 @@ def _check_same_on_all_ranks(
                 "the same dtype, causal, layout and scale"
             )
     _CHECKED.add(key)
+    return key
 
 
 def ring_attention(
@@ -798,7 +829,8 @@ def ring_attention(
             f"the group's backend is NCCL but `q` is on {q.device}; move the shards to this "
             "rank's CUDA device, or use a gloo group for CPU tensors"
         )
-    _check_same_on_all_ranks(ring, q, k, causal, s, layout)
+    key = _check_same_on_all_ranks(ring, q, k, causal, s, layout)
+    _warm_pass(ring, key, "fwd")
     if precision == "fp8":
         from adaattn_kernels.fp8.naive import check_fp8_options
 
