@@ -32,6 +32,7 @@ import torch.multiprocessing as mp
 from adaattn.distributed import LAYOUTS, ring_attention, shard_sequence, unshard_sequence
 from adaattn_kernels import attention, attention_reference
 from adaattn_kernels.fp8 import fp8_attention
+from adaattn_kernels.hybrid import HybridPlan, hybrid_attention, hybrid_attention_reference
 
 # float64 runs the same maths as the reference; lower precisions round each block's output once.
 TOLERANCE = {
@@ -274,6 +275,63 @@ def test_ring_attention_fp8_blocks() -> None:
     _launch(2, _fp8_cases, random.SystemRandom().randrange(2**31))
 
 
+def _hybrid_cases(rank: int, world: int, seed: int) -> None:
+    """plan=...: causal hybrid heads (and exact ones) against the full-sequence reference."""
+    gen = torch.Generator().manual_seed(seed)
+    seq = 40 * world  # chunks of 20 (zig-zag) or 40 tokens: not multiples of the segments
+    q = torch.randn(2, 4, seq, 16, generator=gen, dtype=torch.float64)
+    k = torch.randn(2, 2, seq, 16, generator=gen, dtype=torch.float64)
+    v = torch.randn(2, 2, seq, 16, generator=gen, dtype=torch.float64)
+    # Per (batch, head): exact heads, windows shorter and longer than a chunk, 0–5 sinks and
+    # segments of 1 to 8 keys (rank = seq / segment).
+    plan = HybridPlan.build(
+        2, 4, seq_len_k=seq,
+        window=torch.tensor([[8, 24, 3, 50], [16, 8, 64, 5]]),
+        rank=seq // torch.tensor([[4, 7, 1, 3], [5, 2, 6, 1]]),
+        sinks=torch.tensor([[0, 5, 2, 0], [4, 0, 1, 3]]),
+        exact=torch.tensor([[False, False, True, False], [False, True, False, False]]),
+    )  # fmt: skip
+    out_ref, lse_ref = hybrid_attention_reference(q, k, v, plan, causal=True, return_lse=True)
+    for layout, dtype, tol in (
+        ("zigzag", torch.float64, 1e-10),
+        ("contiguous", torch.float32, 1e-5),
+    ):
+        local = [shard_sequence(t, rank, world, layout=layout).to(dtype) for t in (q, k, v)]  # type: ignore[arg-type]
+        with torch.no_grad():
+            out, lse = ring_attention(
+                *local, causal=True, layout=layout, plan=plan, return_lse=True
+            )  # type: ignore[arg-type]
+        want = shard_sequence(out_ref, rank, world, layout=layout)  # type: ignore[arg-type]
+        assert out.dtype == dtype
+        torch.testing.assert_close(
+            out.double(),
+            want,
+            rtol=tol,
+            atol=tol,
+            msg=lambda m, lay=layout: f"{lay}, seed {seed}: {m}",
+        )
+        torch.testing.assert_close(
+            lse.double(),
+            shard_sequence(lse_ref, rank, world, layout=layout),
+            rtol=tol,
+            atol=tol,  # type: ignore[arg-type]
+        )
+    x = torch.randn(2, 4, 8, 16)
+    with pytest.raises(NotImplementedError, match="causal only"), torch.no_grad():
+        ring_attention(x, x, x, plan=plan)
+    with pytest.raises(ValueError, match="forward-only"):
+        ring_attention(x.requires_grad_(), x, x, causal=True, plan=plan)
+    with pytest.raises(ValueError, match="cannot be combined"), torch.no_grad():
+        ring_attention(x, x, x, causal=True, plan=plan, precision="fp8")
+    with pytest.raises(ValueError, match="plan"), torch.no_grad():
+        ring_attention(x[:1], x[:1], x[:1], causal=True, plan=plan)  # plan of shape (2, 4)
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_ring_attention_hybrid_plans(world: int) -> None:
+    _launch(world, _hybrid_cases, random.SystemRandom().randrange(2**31))
+
+
 def _world4(rank: int, world: int, seed: int) -> None:
     f32, f64, bf16 = torch.float32, torch.float64, torch.bfloat16
     cases: list[dict[str, Any]] = [
@@ -448,6 +506,23 @@ def _gpu_main() -> None:  # pragma: no cover - needs 2 GPUs
                 )
                 if rank == 0:
                     print(f"fp8 causal={causal}: error {err_ring:.2e} (one GPU {err_single:.2e})")
+            if layout == "zigzag" and causal:  # hybrid heads (half of them) vs one GPU
+                plan = HybridPlan.build(
+                    1, 8, seq_len_k=q.shape[2], window=512, rank=64, sinks=4,
+                    exact=torch.arange(8, device=dev)[None] % 2 == 0, device=dev,
+                )  # fmt: skip
+                want_h = hybrid_attention_reference(q, k, v, plan, causal=True)
+                with torch.no_grad():
+                    h_ring = ring_attention(*(shard(t) for t in bf[:3]), causal=True, plan=plan)
+                    h_single = hybrid_attention(*bf[:3], plan, causal=True)
+                ref = shard(want_h)
+                err_ring = float((h_ring.float() - ref).norm() / ref.norm())
+                err_single = float((shard(h_single).float() - ref).norm() / ref.norm())
+                assert err_ring <= 2 * err_single + 2e-3, (
+                    f"hybrid: ring error {err_ring:.2e}, one-GPU {err_single:.2e}"
+                )
+                if rank == 0:
+                    print(f"hybrid: error {err_ring:.2e} (one GPU {err_single:.2e})")
     print(f"rank {rank}: ring attention ok", flush=True)
     dist.destroy_process_group()
 

@@ -601,6 +601,53 @@ def _ring_backward(
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
 
 
+def _local_chunks(layout: str, rank: int, world: int, length: int) -> list[tuple[slice, int]]:
+    """``(local rows, global start)`` of each contiguous chunk of this rank's shard."""
+    if layout == "contiguous":
+        return [(slice(0, length), rank * length)]
+    half = length // 2
+    return [(slice(0, half), rank * half), (slice(half, length), (2 * world - 1 - rank) * half)]
+
+
+def _hybrid_ring_forward(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    plan: HybridPlan,
+    *,
+    scale: float,
+    layout: str,
+    ring: _Ring,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Causal hybrid attention of the local queries: gather K/V, one call per local chunk.
+
+    The keys and values of the whole sequence are all-gathered once (the context-parallel
+    scheme of Llama 3, arXiv 2407.21783, §3.3.2); each contiguous chunk of local queries, at
+    global positions ``[p, p + n)``, then runs :func:`adaattn_kernels.hybrid_attention` against
+    the key prefix ``[0, p + n)`` with the bottom-right causal mask, which places its query ``i``
+    at global position ``p + i``: its sinks, window and far-field segments are exactly those of
+    the full-sequence call.
+    """
+    from adaattn_kernels.hybrid import hybrid_attention
+
+    k_full = unshard_sequence(k, layout=layout, group=ring.group)  # type: ignore[arg-type]
+    v_full = unshard_sequence(v, layout=layout, group=ring.group)  # type: ignore[arg-type]
+    out = torch.empty_like(q)
+    lse: torch.Tensor | None = None
+    for rows, start in _local_chunks(layout, ring.rank, ring.world, q.shape[2]):
+        end = start + (rows.stop - rows.start)
+        o, l_ = hybrid_attention(
+            q[:, :, rows], k_full[:, :, :end], v_full[:, :, :end], plan,
+            causal=True, scale=scale, return_lse=True,
+        )  # fmt: skip
+        if lse is None:
+            lse = torch.empty(q.shape[:3], dtype=l_.dtype, device=q.device)
+        out[:, :, rows] = o
+        lse[:, :, rows] = l_
+    assert lse is not None
+    return out, lse
+
+
 class _RingAttention(torch.autograd.Function):
     @staticmethod
     def forward(
@@ -744,8 +791,14 @@ def ring_attention(
             same result.
         return_lse: Also return the local log-sum-exp ``(B, Hq, S_local)`` of each query's
             scaled scores over the whole sequence (float32; float64 for float64 inputs).
-        plan: A :class:`~adaattn_kernels.HybridPlan` for hybrid (sinks + window + pooled far
-            field) attention: not yet supported; must be ``None``.
+        plan: A :class:`~adaattn_kernels.HybridPlan` of shape ``(B, Hq)`` (the same on every
+            rank) for hybrid attention: each head exact, or exact sinks + local window + pooled
+            far field, exactly as :func:`adaattn_kernels.hybrid_attention` on the whole
+            sequence. Causal and forward-only (inference prefill). Instead of the ring, the
+            keys and values of the whole sequence are all-gathered once (Llama 3's
+            context-parallel scheme: ``O(S)`` key/value memory per rank, ``O(S_local)`` for
+            everything else) and each contiguous chunk of local queries runs the hybrid kernel
+            on its key prefix; a hybrid head's compute stays ``O(S_local · (w + s + S/g))``.
         precision: ``"exact"`` (default) or ``"fp8"``: every block runs
             :func:`adaattn_kernels.fp8.fp8_attention` (8-bit ``Q·Kᵀ`` and ``P·V``, quantised
             per block inside the op; the float8 simulation on CPU) and the blocks merge through
@@ -768,23 +821,33 @@ def ring_attention(
 
     Raises:
         RuntimeError: ``torch.distributed`` is not initialised.
-        NotImplementedError: ``plan`` is given (hybrid ring attention is not implemented).
-        ValueError: ``precision="fp8"`` with inputs that require grad, or unknown
-            ``precision`` / ``fp8_options``.
+        NotImplementedError: ``plan`` with ``causal=False``.
+        ValueError: ``precision="fp8"`` or ``plan`` with inputs that require grad, both at
+            once, or unknown ``precision`` / ``fp8_options``.
         ValueError: bad shapes (the kernels' checks), ``q`` and ``k`` of different local
             lengths, an odd local length with ``"zigzag"``, an unknown ``layout``, a ``scale``
             that is not finite and positive, a process that is not in ``group``, or shapes and
             options that differ across the ranks (checked on the first call of each signature).
         TypeError: non-tensor inputs, unsupported dtypes, or a non-bool ``causal``.
     """
-    if plan is not None:
-        raise NotImplementedError(
-            "hybrid ring attention (a HybridPlan's sinks, window and pooled far field over a "
-            "sharded sequence) is not supported yet; pass plan=None for exact ring attention, "
-            "or run adaattn_kernels.hybrid_attention on the full sequence"
-        )
     if not isinstance(causal, bool):
         raise TypeError(f"`causal` must be a bool, got {type(causal).__name__}")
+    if plan is not None:
+        if not causal:
+            raise NotImplementedError(
+                "hybrid ring attention is causal only (prefill): a non-causal hybrid window is "
+                "centred on each query, which a prefix of the gathered keys cannot express; "
+                "run adaattn_kernels.hybrid_attention on the full sequence, or pass plan=None"
+            )
+        if precision != "exact":
+            raise ValueError("`plan` (hybrid heads) and precision='fp8' cannot be combined")
+        if torch.is_grad_enabled() and any(
+            t.requires_grad for t in (q, k, v) if isinstance(t, torch.Tensor)
+        ):
+            raise ValueError(
+                "hybrid ring attention (plan=...) is forward-only (inference prefill); call it "
+                "under torch.no_grad() / torch.inference_mode(), or pass plan=None to train"
+            )
     if precision not in ("exact", "fp8"):
         raise ValueError(f"`precision` must be 'exact' or 'fp8', got {precision!r}")
     if comm_priority not in ("high", "group"):
@@ -831,7 +894,9 @@ def ring_attention(
         )
     key = _check_same_on_all_ranks(ring, q, k, causal, s, layout)
     _warm_pass(ring, key, "fwd")
-    if precision == "fp8":
+    if plan is not None:
+        out, lse = _hybrid_ring_forward(q, k, v, plan, scale=s, layout=layout, ring=ring)
+    elif precision == "fp8":
         from adaattn_kernels.fp8.naive import check_fp8_options
 
         check_fp8_options(
