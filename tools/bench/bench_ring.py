@@ -5,6 +5,7 @@ Run from the repository root on a machine with N ≥ 2 GPUs (one process per GPU
     torchrun --nproc-per-node 2 -m tools.bench.bench_ring             # seq 32k, 64k, 128k
     torchrun --nproc-per-node 2 -m tools.bench.bench_ring --quick     # seq 32k only
     torchrun --nproc-per-node 8 -m tools.bench.bench_ring --seqs 131072 262144
+    torchrun --nproc-per-node 2 -m tools.bench.bench_ring --hybrid    # hybrid plans, forward
 
 Grid: total sequence ``S`` (default 32k–128k tokens), bf16, head_dim 128, batch 1, 16 query
 heads over ``--kv-heads`` key/value heads (default 16; fewer for GQA), causal and not, layout
@@ -258,6 +259,65 @@ def _profile(
         print(f"profile: seq {seq} causal {causal} {layout}, 2 calls, rank 0\n{table}", flush=True)
 
 
+def run_hybrid_case(
+    seq: int, layout: Layout, *, kv_heads: int, rank: int, world: int, warmup: int, reps: int
+) -> dict[str, Any]:
+    """Causal forward with a hybrid plan (w = 512, 4 sinks, r = seq/64 on every head).
+
+    Ring (keys/values all-gathered, one hybrid call per local chunk) against the hybrid kernel
+    on one GPU with the same per-GPU work (the full sequence, H/N heads), and against the exact
+    ring forward on the same shards. The output is checked against the hybrid kernel on the
+    full sequence.
+    """
+    import adaattn_kernels
+    from adaattn.distributed import ring_attention, shard_sequence
+    from adaattn_kernels import HybridPlan
+
+    gen = torch.Generator(device=DEVICE).manual_seed(seq + 7)
+    q = torch.randn(1, HEADS, seq, HEAD_DIM, generator=gen, device=DEVICE, dtype=torch.bfloat16)
+    k, v = (
+        torch.randn(1, kv_heads, seq, HEAD_DIM, generator=gen, device=DEVICE, dtype=torch.bfloat16)
+        for _ in range(2)
+    )
+
+    def plan_for(heads: int) -> HybridPlan:
+        return HybridPlan.uniform(
+            1, heads, seq_len_k=seq, window=512, rank=seq // 64, sinks=4, device=DEVICE
+        )
+
+    plan, hq, hkv = plan_for(HEADS), HEADS // world, max(1, kv_heads // world)
+    local = [shard_sequence(t, rank, world, layout=layout) for t in (q, k, v)]
+    single = [t[:, :h].contiguous() for t, h in ((q, hq), (k, hkv), (v, hkv))]
+    plan_single = plan_for(hq)
+    with torch.no_grad():
+        out_l = ring_attention(*local, causal=True, layout=layout, plan=plan)
+        full = adaattn_kernels.hybrid_attention(q, k, v, plan, causal=True)
+        err = torch.tensor(
+            [rel_error(out_l, shard_sequence(full, rank, world, layout=layout))], device=DEVICE
+        )
+        dist.all_reduce(err, op=dist.ReduceOp.MAX)
+        ms = {
+            "ring_hybrid_ms": lambda: ring_attention(*local, causal=True, layout=layout, plan=plan),
+            "single_gpu_hybrid_ms": lambda: adaattn_kernels.hybrid_attention(
+                *single, plan_single, causal=True
+            ),
+            "ring_exact_ms": lambda: ring_attention(
+                *local, causal=True, layout=layout, comm_priority=COMM_PRIORITY
+            ),
+        }
+        row: dict[str, Any] = {
+            "method": "ring_hybrid", "world": world, "seq": seq, "heads": HEADS,
+            "kv_heads": kv_heads, "head_dim": HEAD_DIM, "causal": True, "layout": layout,
+            "window": 512, "sinks": 4, "rank": seq // 64,
+            "rel_err_out_vs_single_gpu_hybrid": float(err.item()),
+        }  # fmt: skip
+        for name, fn in ms.items():
+            row[name] = _time_ms(fn, warmup=warmup, reps=reps)
+    row["efficiency_vs_single_gpu_hybrid"] = row["single_gpu_hybrid_ms"] / row["ring_hybrid_ms"]
+    row["speedup_vs_ring_exact"] = row["ring_exact_ms"] / row["ring_hybrid_ms"]
+    return row
+
+
 def _autotune_choices() -> dict[str, dict[str, str]]:
     """The configuration the dense kernels' autotuners chose per key in this process.
 
@@ -297,6 +357,11 @@ def main(argv: list[str] | None = None) -> int:
         choices=["high", "group"],
         default="high",
         help="ring_attention(comm_priority=...): transfers on a high-priority twin group or not",
+    )
+    ap.add_argument(
+        "--hybrid",
+        action="store_true",
+        help="causal forward with a hybrid plan instead (results/ring_hybrid.json)",
     )
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--reps", type=int, default=10)
@@ -339,6 +404,27 @@ def main(argv: list[str] | None = None) -> int:
         "nccl_env": nccl_env,
     }
     layouts: list[Layout] = args.layouts
+    if args.hybrid:
+        hybrid_rows = []
+        for seq in seqs:
+            row = run_hybrid_case(
+                seq, layouts[0], kv_heads=args.kv_heads, rank=rank, world=world,
+                warmup=args.warmup, reps=args.reps,
+            )  # fmt: skip
+            hybrid_rows.append(row)
+            if rank == 0:
+                print(
+                    f"seq {seq} hybrid ring {row['ring_hybrid_ms']:.3f} ms, one GPU "
+                    f"{row['single_gpu_hybrid_ms']:.3f} ms (efficiency "
+                    f"{row['efficiency_vs_single_gpu_hybrid']:.2f}), exact ring "
+                    f"{row['ring_exact_ms']:.3f} ms, "
+                    f"error {row['rel_err_out_vs_single_gpu_hybrid']:.1e}",
+                    flush=True,
+                )
+        if rank == 0:
+            write_results("ring_hybrid", hybrid_rows, **extra)
+        dist.destroy_process_group()
+        return 0
     for layout in layouts:
         for causal in (False, True):
             for seq in seqs:
