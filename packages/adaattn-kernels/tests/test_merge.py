@@ -105,12 +105,20 @@ def test_kernel_matches_reference_on_row_slices(b, h, sq, sk, d, data):
     torch.testing.assert_close(oa, exp_o, rtol=1e-3, atol=1e-3)
 
 
-@pytest.mark.parametrize("backend", ["reference", pytest.param("triton", marks=needs_interpreter)])
-def test_empty_rows_and_nan_rows(backend):
+@pytest.mark.parametrize(
+    ("backend", "device"),
+    [
+        ("reference", "cpu"),
+        pytest.param("triton", "cpu", marks=needs_interpreter),
+        # On the GPU tl.maximum does not pass NaN through as the interpreter's numpy does.
+        pytest.param("triton", "cuda", marks=pytest.mark.gpu),
+    ],
+)
+def test_empty_rows_and_nan_rows(backend, device):
     """Rows seeing no key in either set give 0 and -inf; NaN propagates, never masked."""
     g = torch.Generator().manual_seed(3)
-    oa, ob = (torch.randn(1, 2, 6, 32, generator=g).half() for _ in range(2))
-    la, lb = (torch.randn(1, 2, 6, generator=g) for _ in range(2))
+    oa, ob = (torch.randn(1, 2, 6, 32, generator=g).half().to(device) for _ in range(2))
+    la, lb = (torch.randn(1, 2, 6, generator=g).to(device) for _ in range(2))
     oa[0, 0, 0] = 0.0
     ob[0, 0, 0] = 0.0
     la[0, 0, 0] = lb[0, 0, 0] = float("-inf")
@@ -119,13 +127,18 @@ def test_empty_rows_and_nan_rows(backend):
     lb[0, 0, 4] = float("nan")
     oa[0, 1, 5, 3] = float("nan")
     merge_attention_states_(oa, la, ob, lb, backend=backend)
-    assert torch.equal(oa[0, 0, 0], torch.zeros(32, dtype=torch.float16))
+    assert torch.equal(oa[0, 0, 0], torch.zeros(32, dtype=torch.float16, device=device))
     assert la[0, 0, 0] == float("-inf")
     torch.testing.assert_close(oa[0, 1, 2], want_b)
     assert torch.isnan(la[0, 0, 4])
     assert torch.isnan(oa[0, 0, 4]).all()
     assert torch.isnan(oa[0, 1, 5, 3])
     assert torch.isfinite(oa[0, 0, 1]).all()
+
+
+def test_zero_rows_is_a_no_op():
+    o, lse = torch.randn(1, 2, 0, 8), torch.randn(1, 2, 0)
+    assert merge_attention_states_(o, lse, o.clone(), lse.clone())[0] is o
 
 
 def test_bad_inputs_name_the_argument():

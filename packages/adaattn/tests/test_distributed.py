@@ -229,6 +229,17 @@ def _errors(rank: int, world: int) -> None:
         ring_attention(mine, mine, mine)
     with pytest.raises(ValueError, match="different causal"):
         ring_attention(x, x, x, causal=rank == 0)
+    # Options that change which collectives run must agree too, or the ring would hang.
+    with pytest.raises(ValueError, match="different path"), torch.no_grad():
+        ring_attention(x, x, x, causal=True, precision="fp8" if rank == 0 else "exact")
+    with pytest.raises(ValueError, match="different comm_priority"):
+        ring_attention(x, x, x, comm_priority="high" if rank == 0 else "group")
+    plan = HybridPlan.uniform(1, 2, seq_len_k=8 * world, window=4, rank=4)
+    with pytest.raises(ValueError, match="different path"), torch.no_grad():
+        ring_attention(x, x, x, causal=True, plan=plan if rank == 0 else None)
+    other = HybridPlan.uniform(1, 2, seq_len_k=8 * world, window=4 + 2 * rank, rank=4)
+    with pytest.raises(ValueError, match="different fp8_options or plan"), torch.no_grad():
+        ring_attention(x, x, x, causal=True, plan=other)
     with pytest.raises(ValueError, match="zig-zag shard"):
         unshard_sequence(odd)
     # The group still works after the errors.
@@ -323,8 +334,36 @@ def _hybrid_cases(rank: int, world: int, seed: int) -> None:
         ring_attention(x.requires_grad_(), x, x, causal=True, plan=plan)
     with pytest.raises(ValueError, match="cannot be combined"), torch.no_grad():
         ring_attention(x, x, x, causal=True, plan=plan, precision="fp8")
-    with pytest.raises(ValueError, match="plan"), torch.no_grad():
+    with pytest.raises(ValueError, match="`plan` covers"), torch.no_grad():
         ring_attention(x[:1], x[:1], x[:1], causal=True, plan=plan)  # plan of shape (2, 4)
+    with pytest.raises(TypeError, match="HybridPlan"), torch.no_grad():
+        ring_attention(x, x, x, causal=True, plan=object())  # type: ignore[arg-type]
+
+
+def _overlap_flags(rank: int, world: int, seed: int) -> None:
+    import adaattn.distributed as ring_module
+
+    flags: list[tuple[int, bool]] = []
+    exchange = ring_module._Ring.exchange
+
+    def record(self: Any, send: tuple[torch.Tensor, ...], tag: int) -> Any:
+        flags.append((tag, self.overlap))
+        return exchange(self, send, tag)
+
+    ring_module._Ring.exchange = record  # type: ignore[method-assign]  # this worker only
+    torch.manual_seed(seed)
+    q, k, v = (torch.randn(1, 2, 20, 8, requires_grad=True) for _ in range(3))
+    for call in range(3):
+        flags.clear()
+        ring_attention(q, k, v, causal=True).sum().backward()
+        kinds = {tag for tag, _ in flags}
+        assert kinds == {ring_module._TAG_KV, ring_module._TAG_DKV}, flags
+        # The first forward and backward of a signature wait for every transfer at once.
+        assert all(overlap == (call > 0) for _, overlap in flags), (call, flags)
+
+
+def test_ring_attention_first_call_is_unoverlapped() -> None:
+    _launch(2, _overlap_flags, random.SystemRandom().randrange(2**31))
 
 
 @pytest.mark.parametrize("world", [2, 4])

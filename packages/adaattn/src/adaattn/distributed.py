@@ -57,6 +57,7 @@ Example:
 from __future__ import annotations
 
 import os
+import zlib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from functools import partial
@@ -271,7 +272,7 @@ def _transfer_group(
     """
     if comm_priority == "group" or dist.get_backend(pg) != "nccl":
         return group
-    if os.environ.get("TORCH_NCCL_HIGH_PRIORITY", "0") == "1":
+    if os.environ.get("TORCH_NCCL_HIGH_PRIORITY", "0").strip().lower() in ("1", "true", "yes"):
         return group
     twin = _PRIORITY_TWINS.get(pg)
     if twin is None:
@@ -464,7 +465,8 @@ def _acc_dtype(dtype: torch.dtype, world: int) -> torch.dtype:
     (each addition computed in float32, rounded once) gives the same result as a float32
     accumulator, with half the memory traffic and half the bytes on the wire. More ranks add
     more partial results, each of which would be rounded, so 16-bit inputs accumulate in
-    float32 there.
+    float32 there. (The Triton blocks return the input dtype; the reference backward returns
+    float32 gradients, which its ring accumulates in float32.)
     """
     if world <= 2 or dtype in (torch.float32, torch.float64):
         return dtype
@@ -539,7 +541,8 @@ def _ring_backward(
     per rank. Each transfer is posted as soon as its block is done and waited for only before
     the next addition, so it overlaps the next block; only the last hop is exposed.
     """
-    acc = _acc_dtype(q.dtype, ring.world)
+    # The reference blocks return float32/float64 gradients: accumulate them as they come.
+    acc = _acc_dtype(q.dtype, ring.world) if triton else lse.dtype
     length = q.shape[2]
     kv: tuple[torch.Tensor, ...] = (k, v)
     dq: torch.Tensor | None = None
@@ -694,6 +697,8 @@ class _RingAttention(torch.autograd.Function):
 
 _FP8_OPTIONS = ("qk_dtype", "pv_dtype", "granularity", "block_size", "outlier_channels")
 _SIGNATURE = ("batch", "heads of q", "heads of k/v", "local length", "head_dim")
+#: What a call runs, in the signature: the exact ring, the FP8 ring, or a hybrid plan.
+_PATHS = ("precision='exact'", "precision='fp8'", "a hybrid plan")
 _CHECKED: set[tuple[Any, ...]] = set()
 #: ``(signature key, "fwd" | "bwd")`` of the passes that ran once in this process. The first
 #: pass of a signature runs with ``overlap=False``: there the Triton autotuner benchmarks each
@@ -710,17 +715,37 @@ def _warm_pass(ring: _Ring, key: tuple[Any, ...], kind: str) -> None:
     _WARM.add((key, kind))
 
 
+def _digest(value: object) -> int:
+    """A CRC-32 of ``repr(value)``: equal on every rank for equal options (unlike ``hash``)."""
+    return zlib.crc32(repr(value).encode())
+
+
 def _check_same_on_all_ranks(
-    ring: _Ring, q: torch.Tensor, k: torch.Tensor, causal: bool, scale: float, layout: str
+    ring: _Ring,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    causal: bool,
+    scale: float,
+    layout: str,
+    *,
+    path: int,
+    options: int,
 ) -> tuple[Any, ...]:
     """One small all-gather per distinct call signature: the ranks must agree, or nobody runs.
 
-    Mismatched shards would otherwise hang the ring (NCCL) or fail on one rank only. The check
-    raises on every rank at once; a signature that passed is not gathered again.
+    The signature holds the shapes, dtype, ``causal``, ``layout``, ``scale``, the path (exact,
+    FP8 or hybrid plan: they run different collectives), a digest of its options (FP8 options or
+    the plan's contents) and ``comm_priority`` (the high-priority group is created
+    collectively). Mismatches would otherwise hang the ring (NCCL) or fail on one rank only. The
+    check raises on every rank at once; a signature that passed is not gathered again. Returns
+    the signature's key.
     """
     values = (*q.shape[:2], k.shape[1], q.shape[2], q.shape[3])
-    signature = (*values, _FLOAT_DTYPES.index(q.dtype), int(causal), LAYOUTS.index(layout), scale)
-    key = (id(ring.pg), signature)
+    signature = (
+        *values, _FLOAT_DTYPES.index(q.dtype), int(causal), LAYOUTS.index(layout), scale,
+        path, options, int(ring.comm_priority == "high"),
+    )  # fmt: skip
+    key = (ring.pg.group_name, signature)
     if key in _CHECKED:
         return key
     device = torch.device("cpu") if dist.get_backend(ring.pg) == "gloo" else q.device
@@ -728,7 +753,7 @@ def _check_same_on_all_ranks(
     gathered = [torch.empty_like(mine) for _ in range(ring.world)]
     dist.all_gather(gathered, mine, group=ring.group)
     rows = [tuple(t.tolist()) for t in gathered]
-    names = (*_SIGNATURE, "dtype", "causal", "layout", "scale")
+    names = (*_SIGNATURE, "dtype", "causal", "layout", "scale", "path", "options", "priority")
     for i, name in enumerate(names):
         seen = [row[i] for row in rows]
         if len(set(seen)) > 1:
@@ -738,13 +763,21 @@ def _check_same_on_all_ranks(
                 seen = [LAYOUTS[int(x)] for x in seen]
             elif name == "causal":
                 seen = [bool(x) for x in seen]
+            elif name == "path":
+                seen = [_PATHS[int(x)] for x in seen]
+            elif name == "priority":
+                name, seen = "comm_priority", [("group", "high")[int(x)] for x in seen]
+            elif name == "options":
+                name = "fp8_options or plan (digests)"
+                seen = [int(x) for x in seen]
             elif name != "scale":
                 seen = [int(x) for x in seen]
             raise ValueError(
                 f"ring_attention got different {name} on the ranks of the group (rank: value "
                 f"{dict(enumerate(seen))}); every rank must pass its shard of one sequence — "
                 "same batch, heads, head_dim and local length (shard with shard_sequence) — and "
-                "the same dtype, causal, layout and scale"
+                "the same dtype, causal, layout, scale, precision, fp8_options, plan and "
+                "comm_priority"
             )
     _CHECKED.add(key)
     return key
@@ -796,9 +829,10 @@ def ring_attention(
             far field, exactly as :func:`adaattn_kernels.hybrid_attention` on the whole
             sequence. Causal and forward-only (inference prefill). Instead of the ring, the
             keys and values of the whole sequence are all-gathered once (Llama 3's
-            context-parallel scheme: ``O(S)`` key/value memory per rank, ``O(S_local)`` for
-            everything else) and each contiguous chunk of local queries runs the hybrid kernel
-            on its key prefix; a hybrid head's compute stays ``O(S_local · (w + s + S/g))``.
+            context-parallel scheme: ``O(S)`` key/value memory per rank, about twice that
+            while gathering; ``O(S_local)`` for everything else) and each contiguous chunk of
+            local queries runs the hybrid kernel on its key prefix; a hybrid head's compute
+            stays ``O(S_local · (w + s + S/g))``.
         precision: ``"exact"`` (default) or ``"fp8"``: every block runs
             :func:`adaattn_kernels.fp8.fp8_attention` (8-bit ``Q·Kᵀ`` and ``P·V``, quantised
             per block inside the op; the float8 simulation on CPU) and the blocks merge through
@@ -828,10 +862,13 @@ def ring_attention(
             lengths, an odd local length with ``"zigzag"``, an unknown ``layout``, a ``scale``
             that is not finite and positive, a process that is not in ``group``, or shapes and
             options that differ across the ranks (checked on the first call of each signature).
-        TypeError: non-tensor inputs, unsupported dtypes, or a non-bool ``causal``.
+        TypeError: non-tensor inputs, unsupported dtypes, a non-bool ``causal``, or a
+            ``plan`` that is not a ``HybridPlan``.
     """
     if not isinstance(causal, bool):
         raise TypeError(f"`causal` must be a bool, got {type(causal).__name__}")
+    if precision not in ("exact", "fp8"):
+        raise ValueError(f"`precision` must be 'exact' or 'fp8', got {precision!r}")
     if plan is not None:
         if not causal:
             raise NotImplementedError(
@@ -848,8 +885,6 @@ def ring_attention(
                 "hybrid ring attention (plan=...) is forward-only (inference prefill); call it "
                 "under torch.no_grad() / torch.inference_mode(), or pass plan=None to train"
             )
-    if precision not in ("exact", "fp8"):
-        raise ValueError(f"`precision` must be 'exact' or 'fp8', got {precision!r}")
     if comm_priority not in ("high", "group"):
         raise ValueError(f"`comm_priority` must be 'high' or 'group', got {comm_priority!r}")
     if fp8_options is not None and precision != "fp8":
@@ -892,11 +927,25 @@ def ring_attention(
             f"the group's backend is NCCL but `q` is on {q.device}; move the shards to this "
             "rank's CUDA device, or use a gloo group for CPU tensors"
         )
-    key = _check_same_on_all_ranks(ring, q, k, causal, s, layout)
-    _warm_pass(ring, key, "fwd")
     if plan is not None:
+        from adaattn_kernels import HybridPlan
+
+        if not isinstance(plan, HybridPlan):
+            raise TypeError(f"`plan` must be a HybridPlan or None, got {type(plan).__name__}")
+        if plan.shape != (shape.batch, shape.heads_q):
+            raise ValueError(
+                f"`plan` covers (batch, heads) = {plan.shape} but `q` has (B, Hq) = "
+                f"{(shape.batch, shape.heads_q)}; build one plan entry per query head"
+            )
+        path, digest = 2, _digest([t.tolist() for t in (plan.window, plan.sinks, plan.segment)])
+    else:
+        path, digest = int(precision == "fp8"), _digest(sorted(options.items()))
+    key = _check_same_on_all_ranks(ring, q, k, causal, s, layout, path=path, options=digest)
+    if plan is not None:  # one all-gather, no transfers to overlap
         out, lse = _hybrid_ring_forward(q, k, v, plan, scale=s, layout=layout, ring=ring)
-    elif precision == "fp8":
+        return (out, lse) if return_lse else out
+    _warm_pass(ring, key, "fwd")
+    if precision == "fp8":
         from adaattn_kernels.fp8.naive import check_fp8_options
 
         check_fp8_options(

@@ -285,6 +285,8 @@ def merge_attention_states_(
     use_triton = backend == "triton" or (
         backend == "auto" and out.device.type == "cuda" and reason is None
     )
+    if out.numel() == 0:
+        return out, lse
     if not use_triton:
         merged, l_new = merge_attention_states_reference(out, lse, out_b, lse_b)
         out.copy_(merged)
