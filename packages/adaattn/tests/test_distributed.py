@@ -352,14 +352,24 @@ def _overlap_flags(rank: int, world: int, seed: int) -> None:
 
     ring_module._Ring.exchange = record  # type: ignore[method-assign]  # this worker only
     torch.manual_seed(seed)
-    q, k, v = (torch.randn(1, 2, 20, 8, requires_grad=True) for _ in range(3))
-    for call in range(3):
+    # Local lengths 20, 20, 24 (one autotuning bucket, 32), then 40 (a new bucket, 64).
+    for call, (length, warm) in enumerate([(20, False), (20, True), (24, True), (40, False)]):
+        q, k, v = (torch.randn(1, 2, length, 8, requires_grad=True) for _ in range(3))
         flags.clear()
         ring_attention(q, k, v, causal=True).sum().backward()
         kinds = {tag for tag, _ in flags}
         assert kinds == {ring_module._TAG_KV, ring_module._TAG_DKV}, flags
-        # The first forward and backward of a signature wait for every transfer at once.
-        assert all(overlap == (call > 0) for _, overlap in flags), (call, flags)
+        # The first forward and backward of a bucket wait for every transfer at once.
+        assert all(overlap == warm for _, overlap in flags), (call, flags)
+
+
+def test_warm_buckets_are_the_kernels_autotuning_buckets() -> None:
+    pytest.importorskip("triton")
+    import adaattn.distributed as ring_module
+    from adaattn_kernels.flash._triton_kernels import seq_bucket
+
+    for n in [*range(1, 70), *range(100, 70000, 997), 16384, 16385, 2**20]:
+        assert ring_module._tuning_bucket(n) == seq_bucket(n), n
 
 
 def test_ring_attention_first_call_is_unoverlapped() -> None:

@@ -700,7 +700,7 @@ _SIGNATURE = ("batch", "heads of q", "heads of k/v", "local length", "head_dim")
 #: What a call runs, in the signature: the exact ring, the FP8 ring, or a hybrid plan.
 _PATHS = ("precision='exact'", "precision='fp8'", "a hybrid plan")
 _CHECKED: set[tuple[Any, ...]] = set()
-#: ``(signature key, "fwd" | "bwd")`` of the passes that ran once in this process. The first
+#: ``(bucketed signature key, "fwd" | "bwd")`` of the passes that ran in this process. The first
 #: pass of a signature runs with ``overlap=False``: there the Triton autotuner benchmarks each
 #: block's kernel configurations, and a transfer running beside them on the same SMs would skew
 #: its timings (a config chosen under contention stays chosen for the life of the process).
@@ -708,11 +708,26 @@ _CHECKED: set[tuple[Any, ...]] = set()
 _WARM: set[tuple[Any, ...]] = set()
 
 
+def _tuning_bucket(n: int) -> int:
+    """The dense kernel's autotuning bucket of a length.
+
+    The same as ``adaattn_kernels.flash._triton_kernels.seq_bucket``, which imports Triton; a
+    test keeps the two equal.
+    """
+    return 1 << max(0, min(n, 16384) - 1).bit_length()
+
+
 def _warm_pass(ring: _Ring, key: tuple[Any, ...], kind: str) -> None:
-    """Set ``ring.overlap`` for a pass of ``key`` (False the first time) and mark it seen."""
+    """Set ``ring.overlap`` for a pass of ``key`` (False the first time) and mark it seen.
+
+    The kernels autotune per power-of-two bucket of the sequence length, so lengths of one
+    bucket share their warm state: a prefill of a new length in a tuned bucket overlaps at once.
+    """
+    group, signature = key
+    tuned = (group, (*signature[:3], _tuning_bucket(signature[3]), *signature[4:]))
     ring.signature = key
-    ring.overlap = (key, kind) in _WARM
-    _WARM.add((key, kind))
+    ring.overlap = (tuned, kind) in _WARM
+    _WARM.add((tuned, kind))
 
 
 def _digest(value: object) -> int:
