@@ -48,6 +48,7 @@ HEADS = 16
 HEAD_DIM = 128
 DEVICE = torch.device("cuda")  # --cpu: a gloo smoke run of the script on CPU
 COMM_PRIORITY: Literal["high", "group"] = "high"  # --comm-priority
+HYBRID_KV: Literal["gather", "halo"] = "gather"  # --hybrid-kv
 
 
 def _time_ms(fn: Callable[[], Any], *, warmup: int, reps: int) -> float:
@@ -289,15 +290,21 @@ def run_hybrid_case(
     local = [shard_sequence(t, rank, world, layout=layout) for t in (q, k, v)]
     single = [t[:, :h].contiguous() for t, h in ((q, hq), (k, hkv), (v, hkv))]
     plan_single = plan_for(hq)
+    ring_kw: dict[str, Any] = {
+        "causal": True,
+        "layout": layout,
+        "plan": plan,
+        "hybrid_kv": HYBRID_KV,
+    }
     with torch.no_grad():
-        out_l = ring_attention(*local, causal=True, layout=layout, plan=plan)
+        out_l = ring_attention(*local, **ring_kw)
         full = adaattn_kernels.hybrid_attention(q, k, v, plan, causal=True)
         err = torch.tensor(
             [rel_error(out_l, shard_sequence(full, rank, world, layout=layout))], device=DEVICE
         )
         dist.all_reduce(err, op=dist.ReduceOp.MAX)
         ms = {
-            "ring_hybrid_ms": lambda: ring_attention(*local, causal=True, layout=layout, plan=plan),
+            "ring_hybrid_ms": lambda: ring_attention(*local, **ring_kw),
             "single_gpu_hybrid_ms": lambda: adaattn_kernels.hybrid_attention(
                 *single, plan_single, causal=True
             ),
@@ -308,7 +315,7 @@ def run_hybrid_case(
         row: dict[str, Any] = {
             "method": "ring_hybrid", "world": world, "seq": seq, "heads": HEADS,
             "kv_heads": kv_heads, "head_dim": HEAD_DIM, "causal": True, "layout": layout,
-            "window": 512, "sinks": 4, "rank": seq // 64,
+            "window": 512, "sinks": 4, "rank": seq // 64, "hybrid_kv": HYBRID_KV,
             "rel_err_out_vs_single_gpu_hybrid": float(err.item()),
         }  # fmt: skip
         for name, fn in ms.items():
@@ -363,6 +370,12 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="causal forward with a hybrid plan instead (results/ring_hybrid.json)",
     )
+    ap.add_argument(
+        "--hybrid-kv",
+        default="gather",
+        choices=["gather", "halo"],
+        help="with --hybrid: how the ring reaches the plan's keys (ring_attention's hybrid_kv)",
+    )
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--reps", type=int, default=10)
     ap.add_argument(
@@ -381,8 +394,9 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 1
-    global DEVICE, COMM_PRIORITY
+    global DEVICE, COMM_PRIORITY, HYBRID_KV
     COMM_PRIORITY = args.comm_priority
+    HYBRID_KV = args.hybrid_kv
     if args.cpu:
         DEVICE = torch.device("cpu")
         dist.init_process_group("gloo")
@@ -422,7 +436,8 @@ def main(argv: list[str] | None = None) -> int:
                     flush=True,
                 )
         if rank == 0:
-            write_results("ring_hybrid", hybrid_rows, **extra)
+            name = "ring_hybrid" if args.hybrid_kv == "gather" else "ring_hybrid_halo"
+            write_results(name, hybrid_rows, **extra)
         dist.destroy_process_group()
         return 0
     for layout in layouts:

@@ -327,6 +327,7 @@ def _hybrid_cases(rank: int, world: int, seed: int) -> None:
             rtol=tol,
             atol=tol,  # type: ignore[arg-type]
         )
+    _uniform_hybrid_cases(rank, world, q, k, v)
     x = torch.randn(2, 4, 8, 16)
     with pytest.raises(NotImplementedError, match="causal only"), torch.no_grad():
         ring_attention(x, x, x, plan=plan)
@@ -374,6 +375,57 @@ def test_warm_buckets_are_the_kernels_autotuning_buckets() -> None:
 
 def test_ring_attention_first_call_is_unoverlapped() -> None:
     _launch(2, _overlap_flags, random.SystemRandom().randrange(2**31))
+
+
+def _uniform_hybrid_cases(
+    rank: int, world: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
+) -> None:
+    """``hybrid_kv="halo"`` (no gathered sequence): the same result as the reference."""
+    import adaattn.distributed as ring_module
+
+    gathered = ring_module._hybrid_ring_forward
+
+    def refuse(*args: Any, **kwargs: Any) -> Any:
+        raise AssertionError("hybrid_kv='halo' gathered the whole sequence")
+
+    ring_module._hybrid_ring_forward = refuse  # this worker only
+    seq = q.shape[2]
+    # (window, sinks, segment): windows inside one chunk and across several, sinks that round
+    # up to a segment, segments that do not divide the chunks, segment 1 (pooled = the keys).
+    for w, s, g in [(8, 0, 3), (5, 4, 4), (30, 2, 7), (1, 0, 1), (12, 9, 5), (3, 3, 2)]:
+        plan = HybridPlan(
+            *(torch.full((2, 4), x, dtype=torch.int32) for x in (w, s, g))  # type: ignore[arg-type]
+        )
+        out_ref, lse_ref = hybrid_attention_reference(q, k, v, plan, causal=True, return_lse=True)
+        for layout in LAYOUTS:
+            local = [shard_sequence(t, rank, world, layout=layout) for t in (q, k, v)]  # type: ignore[arg-type]
+            with torch.no_grad():
+                out, lse = ring_attention(
+                    *local, causal=True, layout=layout, plan=plan, return_lse=True,  # type: ignore[arg-type]
+                    hybrid_kv="halo",
+                )  # fmt: skip
+            case = f"w={w} s={s} g={g} {layout} seq={seq}"
+            want = shard_sequence(out_ref, rank, world, layout=layout)  # type: ignore[arg-type]
+            torch.testing.assert_close(
+                out, want, rtol=1e-10, atol=1e-10, msg=lambda m, c=case: f"{c}: {m}"
+            )
+            torch.testing.assert_close(
+                lse, shard_sequence(lse_ref, rank, world, layout=layout),  # type: ignore[arg-type]
+                rtol=1e-10, atol=1e-10, msg=lambda m, c=case: f"{c}: {m}",
+            )  # fmt: skip
+    ring_module._hybrid_ring_forward = gathered
+    x = torch.randn(2, 4, 8, 16)
+    mixed = HybridPlan.build(2, 4, seq_len_k=8 * world, window=4, rank=4, exact=True)
+    with pytest.raises(ValueError, match="needs a uniform plan"), torch.no_grad():
+        ring_attention(x, x, x, causal=True, plan=mixed, hybrid_kv="halo")
+    with pytest.raises(ValueError, match="only applies with a hybrid"):
+        ring_attention(x, x, x, hybrid_kv="halo")
+    with pytest.raises(ValueError, match="`hybrid_kv` must be"):
+        ring_attention(x, x, x, hybrid_kv="ring")  # type: ignore[arg-type]
+    uniform = HybridPlan(*(torch.full((2, 4), 2, dtype=torch.int32) for _ in range(3)))
+    kv = "halo" if rank == 0 else "gather"
+    with pytest.raises(ValueError, match="different path"), torch.no_grad():
+        ring_attention(x, x, x, causal=True, plan=uniform, hybrid_kv=kv)  # type: ignore[arg-type]
 
 
 @pytest.mark.parametrize("world", [2, 4])
@@ -555,23 +607,36 @@ def _gpu_main() -> None:  # pragma: no cover - needs 2 GPUs
                 )
                 if rank == 0:
                     print(f"fp8 causal={causal}: error {err_ring:.2e} (one GPU {err_single:.2e})")
-            if layout == "zigzag" and causal:  # hybrid heads (half of them) vs one GPU
+            # Hybrid heads vs one GPU: half of them (gathered K/V), then all (halo exchange).
+            for label, exact in (
+                ("half", torch.arange(8, device=dev)[None] % 2 == 0),
+                ("all", False),
+            ):
+                if not causal:
+                    break
                 plan = HybridPlan.build(
-                    1, 8, seq_len_k=q.shape[2], window=512, rank=64, sinks=4,
-                    exact=torch.arange(8, device=dev)[None] % 2 == 0, device=dev,
+                    1, 8, seq_len_k=q.shape[2], window=512, rank=64, sinks=4, exact=exact,
+                    device=dev,
                 )  # fmt: skip
                 want_h = hybrid_attention_reference(q, k, v, plan, causal=True)
                 with torch.no_grad():
-                    h_ring = ring_attention(*(shard(t) for t in bf[:3]), causal=True, plan=plan)
+                    h_ring = ring_attention(
+                        *(shard(t) for t in bf[:3]), causal=True, layout=layout, plan=plan,
+                        hybrid_kv="gather" if label == "half" else "halo",
+                    )  # fmt: skip
                     h_single = hybrid_attention(*bf[:3], plan, causal=True)
                 ref = shard(want_h)
                 err_ring = float((h_ring.float() - ref).norm() / ref.norm())
                 err_single = float((shard(h_single).float() - ref).norm() / ref.norm())
                 assert err_ring <= 2 * err_single + 2e-3, (
-                    f"hybrid: ring error {err_ring:.2e}, one-GPU {err_single:.2e}"
+                    f"hybrid ({label} heads, {layout}): ring error {err_ring:.2e}, one-GPU "
+                    f"{err_single:.2e}"
                 )
                 if rank == 0:
-                    print(f"hybrid: error {err_ring:.2e} (one GPU {err_single:.2e})")
+                    print(
+                        f"hybrid ({label} heads, {layout}): error {err_ring:.2e} "
+                        f"(one GPU {err_single:.2e})"
+                    )
     print(f"rank {rank}: ring attention ok", flush=True)
     dist.destroy_process_group()
 

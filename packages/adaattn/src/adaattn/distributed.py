@@ -56,6 +56,7 @@ Example:
 
 from __future__ import annotations
 
+import math
 import os
 import zlib
 from collections.abc import Callable, Mapping
@@ -651,6 +652,118 @@ def _hybrid_ring_forward(
     return out, lse
 
 
+def _uniform_hybrid(plan: HybridPlan) -> tuple[int, int, int] | None:
+    """``(w, s, g)`` when every (batch, head) of ``plan`` is hybrid with the same values."""
+    values = []
+    for t in (plan.window, plan.sinks, plan.segment):
+        lo, hi = (int(x) for x in torch.stack([t.min(), t.max()]).tolist())
+        if lo != hi:
+            return None
+        values.append(lo)
+    w, s, g = values
+    return (w, s, g) if g > 0 else None
+
+
+def _gather_chunk_tails(
+    x: torch.Tensor, tail: int, layout: str, ring: _Ring
+) -> dict[int, torch.Tensor]:
+    """The last ``tail`` positions of every chunk of the sequence, by global chunk index."""
+    chunks = _local_chunks(layout, ring.rank, ring.world, x.shape[2])
+    mine = torch.stack([x[:, :, rows][:, :, -tail:] for rows, _ in chunks]).contiguous()
+    parts = [torch.empty_like(mine) for _ in range(ring.world)]
+    dist.all_gather(parts, mine, group=ring.group)
+    size = chunks[0][0].stop - chunks[0][0].start
+    out = {}
+    for r, part in enumerate(parts):
+        for j, (_, start) in enumerate(_local_chunks(layout, r, ring.world, x.shape[2])):
+            out[start // size] = part[j]
+    return out
+
+
+def _hybrid_ring_halo(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    wsg: tuple[int, int, int],
+    *,
+    scale: float,
+    layout: str,
+    ring: _Ring,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Causal hybrid(w, s, g) on every head without gathering the sequence.
+
+    For a chunk of queries at global positions ``[p, p + n)`` every query's window starts at or
+    after ``a = g·⌊(p + 1 − w)/g⌋``, so its keys split into the *near* range ``[a, p + n)`` — the
+    chunk plus a halo of at most ``w + g`` keys from the chunks before it — and a *far* part that
+    is the same for every query of the chunk: the sink keys ``[0, s')`` and the far-field
+    segments wholly before ``a`` (``s'`` is ``s`` rounded up to a segment, as in the kernel).
+    The near range runs :func:`adaattn_kernels.hybrid_attention` with no sinks (``a`` is a
+    segment boundary, so its windows and segments are the global ones); the far part is dense
+    attention over the broadcast sink keys and over the segment means (all-reduced partial
+    sums, one per segment), the latter with the log-multiplicity ``log g``; the three merge
+    through their log-sum-exps. Chunks whose window reaches the sinks (``a ≤ s'``) take the
+    whole prefix as their near range, which then also holds the sinks.
+    """
+    from adaattn_kernels import attention, merge_attention_states_
+    from adaattn_kernels.hybrid import HybridPlan, hybrid_attention
+
+    w, s, g = wsg
+    b, hq, length, _ = q.shape
+    chunks = _local_chunks(layout, ring.rank, ring.world, length)
+    size = chunks[0][0].stop - chunks[0][0].start
+    total = size * (2 * ring.world if layout == "zigzag" else ring.world)
+    sinks_end = min(g * -(-s // g), total)
+    tail = min(size, sinks_end + w + 2 * g)
+    k_tails, v_tails = (_gather_chunk_tails(t, tail, layout, ring) for t in (k, v))
+    # The sink keys (the start of chunk 0, held by group rank 0) and the far-field segment means.
+    sink_kv = torch.stack([k[:, :, :sinks_end], v[:, :, :sinks_end]]).contiguous()
+    if sinks_end > 0:
+        dist.broadcast(sink_kv, src=dist.get_global_rank(ring.pg, 0), group=ring.group)
+    nseg = -(-total // g)
+    acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+    sums = torch.zeros(2, b, k.shape[1], nseg, k.shape[3], dtype=acc, device=q.device)
+    for rows, start in chunks:
+        seg = (torch.arange(start, start + size, device=q.device) // g)[None, None, :, None]
+        for i, t in enumerate((k, v)):
+            sums[i].scatter_add_(
+                2, seg.expand(b, k.shape[1], size, k.shape[3]), t[:, :, rows].to(acc)
+            )
+    dist.all_reduce(sums, group=ring.group)
+    means = (sums / g).to(q.dtype)  # only segments wholly before a chunk's near range are read
+    out = torch.empty_like(q)
+    lse = torch.empty(q.shape[:3], dtype=acc, device=q.device)
+    for rows, start in chunks:
+        a = g * (max(start + 1 - w, 0) // g)
+        if a <= sinks_end:
+            a = 0
+        keys, values = [k[:, :, rows]], [v[:, :, rows]]
+        for j in range(start // size - 1, -1, -1):  # the halo [a, start), chunk by chunk
+            lo = max(a, j * size)
+            if lo >= (j + 1) * size:
+                break
+            keys.insert(0, k_tails[j][:, :, lo - (j + 1) * size + tail :])
+            values.insert(0, v_tails[j][:, :, lo - (j + 1) * size + tail :])
+        near_plan = HybridPlan(
+            *(torch.full((b, hq), x, dtype=torch.int32, device=q.device)
+              for x in (w, s if a == 0 else 0, g)),
+        )  # fmt: skip
+        o, l_ = hybrid_attention(
+            q[:, :, rows], torch.cat(keys, 2), torch.cat(values, 2), near_plan,
+            causal=True, scale=scale, return_lse=True,
+        )  # fmt: skip
+        if a > 0:
+            far = [(sink_kv[0], sink_kv[1], 0.0)] if sinks_end > 0 else []
+            if a // g > sinks_end // g:
+                segs = slice(sinks_end // g, a // g)
+                far.append((means[0][:, :, segs], means[1][:, :, segs], math.log(g)))
+            for kf, vf, bias in far:
+                o_f, l_f = attention(q[:, :, rows], kf, vf, scale=scale, return_lse=True)
+                merge_attention_states_(o, l_, o_f, (l_f + bias).to(l_.dtype))
+        out[:, :, rows] = o
+        lse[:, :, rows] = l_
+    return out, lse
+
+
 class _RingAttention(torch.autograd.Function):
     @staticmethod
     def forward(
@@ -698,7 +811,10 @@ class _RingAttention(torch.autograd.Function):
 _FP8_OPTIONS = ("qk_dtype", "pv_dtype", "granularity", "block_size", "outlier_channels")
 _SIGNATURE = ("batch", "heads of q", "heads of k/v", "local length", "head_dim")
 #: What a call runs, in the signature: the exact ring, the FP8 ring, or a hybrid plan.
-_PATHS = ("precision='exact'", "precision='fp8'", "a hybrid plan")
+_PATHS = (
+    "precision='exact'", "precision='fp8'", "a hybrid plan, hybrid_kv='gather'",
+    "a hybrid plan, hybrid_kv='halo'",
+)  # fmt: skip
 _CHECKED: set[tuple[Any, ...]] = set()
 #: ``(bucketed signature key, "fwd" | "bwd")`` of the passes that ran in this process. The first
 #: pass of a signature runs with ``overlap=False``: there the Triton autotuner benchmarks each
@@ -812,6 +928,7 @@ def ring_attention(
     precision: Literal["exact", "fp8"] = "exact",
     fp8_options: Mapping[str, Any] | None = None,
     comm_priority: Literal["high", "group"] = "high",
+    hybrid_kv: Literal["gather", "halo"] = "gather",
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Exact attention over a sequence sharded across the ranks of ``group`` (ring attention).
 
@@ -857,6 +974,14 @@ def ring_attention(
         fp8_options: Keyword arguments for ``fp8_attention`` with ``precision="fp8"``
             (``qk_dtype``, ``pv_dtype``, ``granularity``, ``block_size``,
             ``outlier_channels``).
+        hybrid_kv: How a ``plan`` reaches the keys it needs. ``"gather"`` (default): all-gather
+            the keys and values of the whole sequence, any plan. ``"halo"``: for a uniform plan
+            (:meth:`~adaattn_kernels.HybridPlan.uniform`) whose rounded-up sinks fit in the
+            first chunk, all-gather only the last ``s' + w + 2g`` keys of every chunk (the
+            halos), broadcast the sinks and all-reduce the far field's segment sums:
+            ``O(S_local + S/g)`` memory per rank instead of ``O(S)``. Same result; on two
+            H100s slower than ``"gather"`` at 32k–64k tokens and on par at 128k (see the
+            distributed guide).
         comm_priority: Where an NCCL group's key/value transfers run. ``"high"`` (default):
             on a high-priority twin of ``group`` over the same ranks, created on the first call
             and kept (one extra NCCL communicator), so that each transfer overlaps its step's
@@ -900,6 +1025,10 @@ def ring_attention(
                 "hybrid ring attention (plan=...) is forward-only (inference prefill); call it "
                 "under torch.no_grad() / torch.inference_mode(), or pass plan=None to train"
             )
+    if hybrid_kv not in ("gather", "halo"):
+        raise ValueError(f"`hybrid_kv` must be 'gather' or 'halo', got {hybrid_kv!r}")
+    if hybrid_kv == "halo" and plan is None:
+        raise ValueError("`hybrid_kv` only applies with a hybrid `plan`")
     if comm_priority not in ("high", "group"):
         raise ValueError(f"`comm_priority` must be 'high' or 'group', got {comm_priority!r}")
     if fp8_options is not None and precision != "fp8":
@@ -952,12 +1081,25 @@ def ring_attention(
                 f"`plan` covers (batch, heads) = {plan.shape} but `q` has (B, Hq) = "
                 f"{(shape.batch, shape.heads_q)}; build one plan entry per query head"
             )
-        path, digest = 2, _digest([t.tolist() for t in (plan.window, plan.sinks, plan.segment)])
+        path = 2 if hybrid_kv == "gather" else 3
+        digest = _digest([t.tolist() for t in (plan.window, plan.sinks, plan.segment)])
     else:
         path, digest = int(precision == "fp8"), _digest(sorted(options.items()))
     key = _check_same_on_all_ranks(ring, q, k, causal, s, layout, path=path, options=digest)
-    if plan is not None:  # one all-gather, no transfers to overlap
-        out, lse = _hybrid_ring_forward(q, k, v, plan, scale=s, layout=layout, ring=ring)
+    if plan is not None:  # collectives only, no transfers to overlap
+        if hybrid_kv == "halo":
+            wsg = _uniform_hybrid(plan)
+            size = shape.seq_q // 2 if layout == "zigzag" else shape.seq_q
+            if wsg is None or wsg[2] * -(-wsg[1] // wsg[2]) > size:
+                raise ValueError(
+                    "hybrid_kv='halo' needs a uniform plan (every head hybrid with the same "
+                    "window, sinks and segment; see HybridPlan.uniform) whose sinks, rounded up "
+                    f"to a segment, fit in the first chunk ({size} tokens); use "
+                    "hybrid_kv='gather' for this plan"
+                )
+            out, lse = _hybrid_ring_halo(q, k, v, wsg, scale=s, layout=layout, ring=ring)
+        else:
+            out, lse = _hybrid_ring_forward(q, k, v, plan, scale=s, layout=layout, ring=ring)
         return (out, lse) if return_lse else out
     _warm_pass(ring, key, "fwd")
     if precision == "fp8":
