@@ -13,6 +13,7 @@ from adaattn_kernels.hybrid import (
     predict_hybrid_error,
     sample_query_rows,
 )
+from adaattn_kernels.hybrid import estimate as estimate_module
 from adaattn_kernels.hybrid.estimate import _exact_scores, _implied_weights, _softmax_rows
 from adaattn_kernels.hybrid.naive import _expand_kv
 from hypothesis import example, given, settings
@@ -119,6 +120,61 @@ def test_implied_distribution_reproduces_hybrid_output(causal):
     got = torch.matmul(p_tilde, _expand_kv(v, 3))
     want = hybrid_attention_reference(q, k, v, plan, causal=causal)
     torch.testing.assert_close(got, want, rtol=0, atol=1e-12)
+
+
+def _predict_per_candidate(q, k, v, windows, ranks, sinks, causal, m, seed):
+    """The predictor's definition evaluated one (w, r) at a time from the implied p̃."""
+    b, hq, sq, d = q.shape
+    sk = k.shape[2]
+    mode = {False: 0, "top_left": 1, "bottom_right": 2}[causal]
+    rows = sample_query_rows(sq, m, generator=torch.Generator().manual_seed(seed))
+    s = _exact_scores(q[:, :, rows], rows, k, mode, d**-0.5, sq)
+    p = _softmax_rows(s)
+    vq = _expand_kv(v, hq)
+    out_sq = torch.matmul(p, vq).square().sum((-1, -2)).clamp_min(1e-300)  # no allowed key: 0
+    sigma_v2 = (vq - vq.mean(2, keepdim=True)).square().sum(-1).mean(-1)
+    err = torch.empty(b, hq, len(windows), len(ranks), dtype=torch.float64)
+    far = torch.empty_like(err)
+    for a, w in enumerate(windows):
+        for c, r in enumerate(ranks):
+            plan = HybridPlan.uniform(b, hq, seq_len_k=sk, window=w, rank=r, sinks=sinks)
+            p_tilde, pooled = _implied_weights(p, s, plan, rows, sq, mode)
+            delta2 = (p_tilde - p).square().sum((-1, -2))
+            err[:, :, a, c] = (delta2 * sigma_v2 / out_sq).sqrt()
+            far[:, :, a, c] = (p * pooled).sum(-1).mean(-1)
+    return err, far
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    sq=st.integers(1, 90),
+    sk=st.integers(1, 90),
+    causal=st.sampled_from([False, "top_left", "bottom_right"]),
+    sinks=st.integers(0, 6),
+    temp=st.sampled_from([0.2, 1.0, 4.0, 32.0]),
+    chunked=st.booleans(),
+    seed=st.integers(0, 2**31 - 1),
+)
+@example(sq=64, sk=64, causal="top_left", sinks=0, temp=32.0, chunked=False, seed=0)
+def test_grid_predictor_equals_per_candidate_definition(sq, sk, causal, sinks, temp, chunked, seed):
+    """All windows of a rank at once (per-segment sums) = p̃ built candidate by candidate.
+
+    Temperatures up to 32 put the row's peak in a pooled segment (``c ≫ 1``), where a
+    prefix-sum formulation loses all digits; float32 output, so agreement to ~1e-6 relative.
+    """
+    q, k, v = _heads(2, 4, 2, max(sq, sk), 8, seed, temps=[temp] * 4)
+    q, k, v = q[:, :, :sq], k[:, :, :sk], v[:, :, :sk]
+    windows, ranks = [1, 3, 10, 40, 100], [1, 2, 7, 16, 90]
+    want_err, want_far = _predict_per_candidate(q, k, v, windows, ranks, sinks, causal, 24, 3)
+    with pytest.MonkeyPatch.context() as mp:
+        if chunked:  # one window per chunk: the memory-bounded path
+            mp.setattr(estimate_module, "_MAX_GRID_ELEMENTS", 1)
+        pred = predict_hybrid_error(
+            q, k, v, windows=windows, ranks=ranks, sinks=sinks, causal=causal, num_samples=24,
+            generator=torch.Generator().manual_seed(3),
+        )  # fmt: skip
+    torch.testing.assert_close(pred.error.double(), want_err, rtol=1e-6, atol=1e-9)
+    torch.testing.assert_close(pred.far_mass.double(), want_far, rtol=1e-6, atol=1e-9)
 
 
 def test_predictor_exact_limits_and_ordering():
