@@ -52,6 +52,7 @@ from adaattn_kernels._validation import (
     resolve_scale,
 )
 from adaattn_kernels.hybrid.naive import (
+    _bounds_of,
     _check_plan,
     _expand_kv,
     _hybrid_rows,
@@ -167,9 +168,11 @@ def _check_samples(num_samples: int) -> None:
 
 
 def _check_finite(**tensors: torch.Tensor) -> None:
-    for name, t in tensors.items():
-        if not bool(torch.isfinite(t).all()):
-            raise ValueError(f"`{name}` contains NaN or Inf; the error estimate would be NaN")
+    finite = [torch.isfinite(t).all() for t in tensors.values()]
+    if bool(torch.stack(finite).all()):  # one host synchronisation for all of them
+        return
+    name = next(n for n, ok in zip(tensors, finite, strict=True) if not bool(ok))
+    raise ValueError(f"`{name}` contains NaN or Inf; the error estimate would be NaN")
 
 
 def estimate_hybrid_error(
@@ -379,26 +382,24 @@ def _grid_deviation(
     right_lo = bounds.right_lo[0, ..., None]
     pooled = ((t >= left_lo) & (t < left_hi)) | (t >= right_lo)
     pooled = pooled.expand(-1, int(p.shape[2]), -1).transpose(0, 1).to(p.dtype)
-    exact = 1.0 - pooled
-
-    def per_window(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        # (B, H, m, nseg) x (m, W, nseg) -> (B, H, m, W)
-        return torch.einsum("bhmt,mwt->bhmw", x, mask)
-
-    far_mass = per_window(mass, pooled)
-    inv_c = per_window(mass, exact) + per_window(n * p_bar, pooled)
+    masks = torch.cat([pooled, 1.0 - pooled], dim=1)  # (m, 2W, nseg): pooled, then exact
+    # Masked segment sums of five statistics in one batched matmul: (5, B, H, m, 2W).
+    stats = torch.stack([mass, n * p_bar, n * gap, p_sq, spread])[..., None, :]
+    sums = torch.matmul(stats, masks.transpose(-1, -2)).squeeze(-2)
+    w = pooled.shape[1]
+    far_mass, exact_mass = sums[0, ..., :w], sums[0, ..., w:]
+    inv_c = exact_mass + sums[1, ..., :w]
     c = 1.0 / inv_c.clamp_min(torch.finfo(p.dtype).tiny)
-    c_minus_1 = -c * per_window(n * gap, pooled)
-    # Σ_pooled n_t (c p̄_t − μ_t)² + V_t, in window chunks of at most _MAX_GRID_ELEMENTS.
+    c_minus_1 = -c * sums[2, ..., :w]
+    # Σ_pooled n_t (c p̄_t − μ_t)², in window chunks of at most _MAX_GRID_ELEMENTS elements.
     step = max(1, _MAX_GRID_ELEMENTS // max(1, gap.numel()))
     parts = []
     for i in range(0, pooled.shape[1], step):
         cm1 = c_minus_1[..., i : i + step, None]  # (B, H, m, w, 1)
-        dev = (gap[..., None, :] + cm1 * p_bar[..., None, :]).square()
-        terms = n[..., None, :] * dev + spread[..., None, :]
-        parts.append((pooled[:, i : i + step] * terms).sum(-1))
-    pooled_part = torch.cat(parts, dim=-1)
-    delta2 = c_minus_1.square() * per_window(p_sq, exact) + pooled_part
+        dev = n[..., None, :] * (gap[..., None, :] + cm1 * p_bar[..., None, :]).square()
+        parts.append((pooled[:, i : i + step] * dev).sum(-1))
+    pooled_part = torch.cat(parts, dim=-1) + sums[4, ..., :w]
+    delta2 = c_minus_1.square() * sums[3, ..., w:] + pooled_part
     return delta2, far_mass
 
 
@@ -470,15 +471,15 @@ def predict_hybrid_error(
     ent = -(p * torch.log(p.clamp_min(1e-300))).sum(-1) / torch.log(n_allowed)
     err = torch.empty(b, hq, len(windows), len(ranks), dtype=torch.float64, device=q.device)
     far = torch.empty_like(err)
-    window_t = torch.tensor(windows, dtype=torch.int64)
+    # All windows of one rank at once: the bounds' "heads" are the windows.
+    window_t = torch.tensor([windows], dtype=torch.int64, device=q.device)
+    sinks_t = torch.full((1, 1), sinks, dtype=torch.int64, device=q.device)
     sampled = _SampledRows.of(p, s)
     for c, r in enumerate(ranks):
-        # All windows of one rank at once: the plan's "heads" are the windows.
-        plan = HybridPlan.build(
-            1, len(windows), seq_len_k=sk, window=window_t, rank=r, sinks=sinks, device=q.device
-        )
-        bounds = _row_bounds(plan, rows, sq, sk, mode)
-        delta2, far_rows = _grid_deviation(sampled, bounds, segment_size_for_rank(sk, r))
+        g = segment_size_for_rank(sk, r)
+        segment = torch.full((1, 1), g, dtype=torch.int64, device=q.device)
+        bounds = _bounds_of(window_t, sinks_t, segment, rows, sq, sk, mode)
+        delta2, far_rows = _grid_deviation(sampled, bounds, g)
         err[..., c] = (delta2.sum(2) * sigma_v2[..., None] / out_sq[..., None]).sqrt()
         far[..., c] = far_rows.mean(2)
     return HybridErrorPrediction(

@@ -87,10 +87,27 @@ def _row_bounds(
 
     Mirrors, formula for formula, the index arithmetic of the Triton kernel.
     """
+    return _bounds_of(plan.window, plan.sinks, plan.segment, rows, seq_q, seq_k, mode)
+
+
+def _bounds_of(
+    window: torch.Tensor,
+    sinks: torch.Tensor,
+    segment: torch.Tensor,
+    rows: torch.Tensor,
+    seq_q: int,
+    seq_k: int,
+    mode: int,
+) -> _RowBounds:
+    """:func:`_row_bounds` from broadcastable ``(B, H)`` window/sinks/segment tensors.
+
+    For callers that score many candidate plans at once without building (and validating)
+    a :class:`HybridPlan` for each; ``segment`` 0 marks an exact head, as in a plan.
+    """
     dev = rows.device
-    w = plan.window.to(dev, torch.int64)[..., None]
-    s = plan.sinks.to(dev, torch.int64)[..., None]
-    g_raw = plan.segment.to(dev, torch.int64)[..., None]
+    w = window.to(dev, torch.int64)[..., None]
+    s = sinks.to(dev, torch.int64)[..., None]
+    g_raw = segment.to(dev, torch.int64)[..., None]
     exact = g_raw == 0
     g = g_raw.clamp_min(1)
     i = rows.to(torch.int64)[None, None, :]
