@@ -37,7 +37,6 @@ per query (exact part, pooled segments, the pooling pass) over those of exact at
 
 from __future__ import annotations
 
-import math
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass, field
@@ -356,7 +355,7 @@ class Planner:
         grad = _grad_needed(problem)
         with torch.no_grad():
             q, k, v = (t[:_PLAN_BATCH].detach() for t in (problem.q, problem.k, problem.v))
-            if not all(bool(torch.isfinite(t).all()) for t in (q, k, v)):
+            if not bool(torch.stack([torch.isfinite(t).all() for t in (q, k, v)]).all()):
                 return all_exact(_NONFINITE)
             return finish(self._measure(problem, q, k, v, policy, tol, exact_precision, grad))
 
@@ -397,13 +396,14 @@ class Planner:
                 q, k, v, rows, causal=causal, scale=scale, fp8=fp8,
                 confidence=cfg.error_confidence,
             ).amax(0)  # fmt: skip
+            # One transfer for both per-head lists (each float(t[h]) would wait on the device).
+            errs, models = torch.stack([measured.double(), model.double()]).tolist()
             where = "simulated" if q.device.type == "cpu" else "kernel"
-            for h in range(heads):
-                err = float(measured[h])
+            for h, (err, predicted) in enumerate(zip(errs, models, strict=True)):
                 candidates[h].append(
                     (COST_FP8, "fp8", None, None, err,
                      f"fp8 ({where}) measured {err:.3g}{_bound_label(cfg)} on {len(rows)} rows "
-                     f"(e4m3 model {float(model[h]):.3g})")
+                     f"(e4m3 model {predicted:.3g})")
                 )  # fmt: skip
         elif "fp8" in cfg.modes:
             for h in range(heads):
@@ -530,66 +530,76 @@ class Planner:
             scale=problem.scale, num_samples=m_pred,
             generator=torch.Generator().manual_seed(cfg.seed + 2),
         )  # fmt: skip
-        err = pred.error.amax(0).double().cpu()  # (H, W, R)
-        costs = torch.tensor([[cost(w, r) for r in ranks] for w in windows], dtype=torch.float64)
-        err = torch.where(costs < 1.0, err, torch.full_like(err, math.inf))
-        tried = torch.zeros_like(err, dtype=torch.bool)
+        # Selection runs on host lists: one transfer, then no tensor op per head or candidate.
+        grid_err: list[list[list[float]]] = pred.error.amax(0).tolist()  # [H][W][R]
+        cands = [
+            (cost(w, r), wi, ri)
+            for wi, w in enumerate(windows)
+            for ri, r in enumerate(ranks)
+            if cost(w, r) < 1.0
+        ]
+        cands.sort()  # cheapest first; ties by (window, rank) index
+        tried: list[set[tuple[int, int]]] = [set() for _ in range(heads)]
         # Per-head calibration of the predictor: after a measured miss, the head's later picks
         # must be predicted within tol / (measured / predicted) of that miss (never relaxed).
-        ratio = torch.ones(heads, dtype=torch.float64)
+        ratio = [1.0] * heads
         pending = list(range(heads))
         for attempt in range(_HYBRID_TRIES):
-            picks: dict[int, tuple[int, int]] = {}
+            picks: dict[int, tuple[float, int, int]] = {}
             for h in pending:
-                ok = (err[h] * ratio[h] <= tol) & ~tried[h]
-                if not bool(ok.any()):
+                e_h = grid_err[h]
+                pick = next(
+                    (
+                        (c, wi, ri)
+                        for c, wi, ri in cands
+                        if e_h[wi][ri] * ratio[h] <= tol and (wi, ri) not in tried[h]
+                    ),
+                    None,
+                )
+                if pick is None:
                     if attempt == 0:
-                        best = int(err[h].flatten().argmin())
-                        wb, rb = windows[best // len(ranks)], ranks[best % len(ranks)]
+                        _, wb, rb = min((e_h[wi][ri], wi, ri) for _, wi, ri in cands)
                         notes[h].append(
                             f"hybrid: no (window, rank) predicted within tol {tol:.3g} on "
-                            f"{m_pred} rows (best w={wb} r={rb} predicted "
-                            f"{float(err[h].flatten()[best]):.3g})"
+                            f"{m_pred} rows (best w={windows[wb]} r={ranks[rb]} predicted "
+                            f"{e_h[wb][rb]:.3g})"
                         )
                     else:
                         notes[h].append(
                             f"hybrid: no untried (window, rank) predicted within tol {tol:.3g} "
-                            f"after calibrating the predictor by x{float(ratio[h]):.2f}"
+                            f"after calibrating the predictor by x{ratio[h]:.2f}"
                         )
                     continue
-                flat = torch.where(ok, costs, torch.full_like(costs, math.inf)).flatten()
-                idx = int(flat.argmin())
-                picks[h] = (idx // len(ranks), idx % len(ranks))
-                tried[h].view(-1)[idx] = True
+                picks[h] = pick
+                tried[h].add(pick[1:])
             if not picks:
                 break
-            window = torch.ones(heads, dtype=torch.int64)
-            rank = torch.ones(heads, dtype=torch.int64)
-            exact = torch.ones(heads, dtype=torch.bool)
-            for h, (wi, ri) in picks.items():
+            window, rank, exact = [1] * heads, [1] * heads, [True] * heads
+            for h, (_, wi, ri) in picks.items():
                 window[h], rank[h], exact[h] = windows[wi], ranks[ri], False
             plan = _backends.hybrid_plan(
-                int(q.shape[0]), heads, seq_k=seq_k, window=window, rank=rank,
-                sinks=_HYBRID_SINKS, exact=exact, device=q.device,
+                int(q.shape[0]), heads, seq_k=seq_k, window=torch.tensor(window),
+                rank=torch.tensor(rank), sinks=_HYBRID_SINKS, exact=torch.tensor(exact),
+                device=q.device,
             )  # fmt: skip
-            measured = _backends.hybrid_measured_error(
+            measured: list[float] = _backends.hybrid_measured_error(
                 q, k, v, plan, causal=problem.causal, scale=problem.scale, num_samples=m,
                 generator=torch.Generator().manual_seed(cfg.seed + 3),
                 confidence=self.config.error_confidence,
-            ).amax(0)  # fmt: skip
+            ).amax(0).tolist()  # fmt: skip
             pending = []
-            for h, (wi, ri) in picks.items():
-                w, r, e = windows[wi], ranks[ri], float(measured[h])
-                predicted = float(err[h, wi, ri])
+            for h, (c, wi, ri) in picks.items():
+                w, r, e = windows[wi], ranks[ri], measured[h]
+                predicted = grid_err[h][wi][ri]
                 note = (
                     f"hybrid w={w} r={r} measured {e:.3g}{_bound_label(self.config)} on {m} rows "
-                    f"(predicted {predicted:.3g}, cost {costs[wi, ri]:.3f})"
+                    f"(predicted {predicted:.3g}, cost {c:.3f})"
                 )
-                candidates[h].append((float(costs[wi, ri]), "hybrid", w, r, e, note))
+                candidates[h].append((c, "hybrid", w, r, e, note))
                 if e > tol:
                     pending.append(h)
                     if predicted > 0.0:
-                        ratio[h] = max(float(ratio[h]), e / predicted)
+                        ratio[h] = max(ratio[h], e / predicted)
 
 
 def _bound_label(cfg: AdaAttnConfig) -> str:
