@@ -377,6 +377,52 @@ def test_ring_attention_first_call_is_unoverlapped() -> None:
     _launch(2, _overlap_flags, random.SystemRandom().randrange(2**31))
 
 
+def test_recent_keys_forget_the_least_recently_used() -> None:
+    from adaattn.distributed import _RecentKeys
+
+    keys = _RecentKeys(2)
+    keys.add(("a",))
+    keys.add(("b",))
+    assert keys.seen(("a",))  # "a" is now the most recent: "b" goes first
+    keys.add(("c",))
+    assert len(keys) == 2
+    assert not keys.seen(("b",))
+    assert keys.seen(("a",))
+    assert keys.seen(("c",))
+
+
+def _forgotten_signatures(rank: int, world: int, seed: int) -> None:
+    import adaattn.distributed as ring_module
+
+    ring_module._CHECKED.capacity = 1  # this worker only: every new signature evicts the last
+    gathers = 0
+    all_gather = ring_module.dist.all_gather
+
+    def counting(*args: Any, **kwargs: Any) -> Any:
+        nonlocal gathers
+        gathers += 1
+        return all_gather(*args, **kwargs)
+
+    ring_module.dist.all_gather = counting  # the signature check's only collective here
+    torch.manual_seed(seed)
+    full = {
+        n: [torch.randn(1, 2, n * world, 8, dtype=torch.float64) for _ in range(3)] for n in (6, 10)
+    }
+    for call, n in enumerate([6, 6, 10, 6, 10]):
+        q, k, v = (shard_sequence(t, rank, world, layout="zigzag") for t in full[n])
+        before = gathers
+        with torch.no_grad():
+            out = ring_attention(q, k, v, causal=True, layout="zigzag")
+        # Checked on first sight and again once forgotten (call 3: 6 was evicted by 10).
+        assert gathers - before == (0 if call == 1 else 1), (call, gathers - before)
+        want = attention_reference(*full[n], causal=True)
+        torch.testing.assert_close(out, shard_sequence(want, rank, world, layout="zigzag"))
+
+
+def test_forgotten_signatures_are_checked_again_on_every_rank() -> None:
+    _launch(2, _forgotten_signatures, random.SystemRandom().randrange(2**31))
+
+
 def _uniform_hybrid_cases(
     rank: int, world: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
 ) -> None:

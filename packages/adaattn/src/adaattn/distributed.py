@@ -59,6 +59,7 @@ from __future__ import annotations
 import math
 import os
 import zlib
+from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from functools import partial
@@ -815,13 +816,46 @@ _PATHS = (
     "precision='exact'", "precision='fp8'", "a hybrid plan, hybrid_kv='gather'",
     "a hybrid plan, hybrid_kv='halo'",
 )  # fmt: skip
-_CHECKED: set[tuple[Any, ...]] = set()
+
+
+class _RecentKeys:
+    """The ``capacity`` most recently used keys, the least recently used forgotten first.
+
+    Bounds the per-process memory of call signatures (a server sees ever new lengths and
+    plans). Every rank makes the same calls in the same order, so every rank forgets the same
+    keys and meets them again together: a forgotten signature is checked again on all ranks.
+    """
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self._keys: OrderedDict[tuple[Any, ...], None] = OrderedDict()
+
+    def seen(self, key: tuple[Any, ...]) -> bool:
+        """Whether ``key`` is held; a held key becomes the most recently used."""
+        if key not in self._keys:
+            return False
+        self._keys.move_to_end(key)
+        return True
+
+    def add(self, key: tuple[Any, ...]) -> None:
+        """Hold ``key`` as the most recently used, forgetting the oldest beyond capacity."""
+        self._keys[key] = None
+        self._keys.move_to_end(key)
+        while len(self._keys) > self.capacity:
+            self._keys.popitem(last=False)
+
+    def __len__(self) -> int:
+        return len(self._keys)
+
+
+#: Signatures whose agreement across ranks was checked (see _check_same_on_all_ranks).
+_CHECKED = _RecentKeys(256)
 #: ``(bucketed signature key, "fwd" | "bwd")`` of the passes that ran in this process. The first
 #: pass of a signature runs with ``overlap=False``: there the Triton autotuner benchmarks each
 #: block's kernel configurations, and a transfer running beside them on the same SMs would skew
 #: its timings (a config chosen under contention stays chosen for the life of the process).
 #: Later passes overlap every transfer with compute.
-_WARM: set[tuple[Any, ...]] = set()
+_WARM = _RecentKeys(256)
 
 
 def _tuning_bucket(n: int) -> int:
@@ -842,7 +876,7 @@ def _warm_pass(ring: _Ring, key: tuple[Any, ...], kind: str) -> None:
     group, signature = key
     tuned = (group, (*signature[:3], _tuning_bucket(signature[3]), *signature[4:]))
     ring.signature = key
-    ring.overlap = (tuned, kind) in _WARM
+    ring.overlap = _WARM.seen((tuned, kind))
     _WARM.add((tuned, kind))
 
 
@@ -877,7 +911,7 @@ def _check_same_on_all_ranks(
         path, options, int(ring.comm_priority == "high"),
     )  # fmt: skip
     key = (ring.pg.group_name, signature)
-    if key in _CHECKED:
+    if _CHECKED.seen(key):
         return key
     device = torch.device("cpu") if dist.get_backend(ring.pg) == "gloo" else q.device
     mine = torch.tensor(signature, dtype=torch.float64, device=device)
