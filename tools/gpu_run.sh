@@ -2,6 +2,7 @@
 # One call on the lent GPU machine (offline; torch + triton preinstalled):
 #   bash tools/gpu_run.sh tests            # nox --no-venv -s tests-gpu, log to $OUT
 #   bash tools/gpu_run.sh bench NAME...    # python -m tools.bench.bench_NAME, JSON to $OUT
+#                                          # (profile_X runs tools.bench.profile_X)
 # Wheels the machine lacks (nox and its pure-Python needs, sageattention) travel in .whl/.
 set -uo pipefail
 OUT=${OUT:-/tmp/out}
@@ -22,8 +23,9 @@ case "$what" in
     export PYTHONPATH="packages/adaattn-linalg/src:packages/adaattn-precision/src:packages/adaattn-kernels/src:packages/adaattn/src:${PYTHONPATH:-}"
     rc=0
     for name in "$@"; do
-      echo "=== bench_$name"
-      python3 -m "tools.bench.bench_$name" 2>&1 | tee "$OUT/bench_$name.log" || rc=1
+      case "$name" in profile_*) module=$name ;; *) module=bench_$name ;; esac
+      echo "=== $module"
+      python3 -m "tools.bench.$module" 2>&1 | tee "$OUT/$module.log" || rc=1
     done
     exit $rc
     ;;
