@@ -724,11 +724,13 @@ def _hybrid_ring_halo(
     acc = torch.float64 if q.dtype == torch.float64 else torch.float32
     sums = torch.zeros(2, b, k.shape[1], nseg, k.shape[3], dtype=acc, device=q.device)
     for rows, start in chunks:
-        seg = (torch.arange(start, start + size, device=q.device) // g)[None, None, :, None]
-        for i, t in enumerate((k, v)):
-            sums[i].scatter_add_(
-                2, seg.expand(b, k.shape[1], size, k.shape[3]), t[:, :, rows].to(acc)
-            )
+        # Segment sums of the chunk by a reshape: pad it out to whole segments (a plain sum per
+        # segment, where a scatter-add would make g keys contend for every segment's slot).
+        first, lead = divmod(start, g)
+        count = -(-(lead + size) // g)
+        kv = torch.stack([k[:, :, rows], v[:, :, rows]]).to(acc)
+        kv = torch.nn.functional.pad(kv, (0, 0, lead, count * g - lead - size))
+        sums[:, :, :, first : first + count] += kv.unflatten(3, (count, g)).sum(4)
     dist.all_reduce(sums, group=ring.group)
     means = (sums / g).to(q.dtype)  # only segments wholly before a chunk's near range are read
     out = torch.empty_like(q)
