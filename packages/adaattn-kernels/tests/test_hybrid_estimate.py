@@ -122,13 +122,13 @@ def test_implied_distribution_reproduces_hybrid_output(causal):
     torch.testing.assert_close(got, want, rtol=0, atol=1e-12)
 
 
-def _predict_per_candidate(q, k, v, windows, ranks, sinks, causal, m, seed):
+def _predict_per_candidate(q, k, v, windows, ranks, sinks, causal, m, seed, scale=None):
     """The predictor's definition evaluated one (w, r) at a time from the implied p̃."""
     b, hq, sq, d = q.shape
     sk = k.shape[2]
     mode = {False: 0, "top_left": 1, "bottom_right": 2}[causal]
     rows = sample_query_rows(sq, m, generator=torch.Generator().manual_seed(seed))
-    s = _exact_scores(q[:, :, rows], rows, k, mode, d**-0.5, sq)
+    s = _exact_scores(q[:, :, rows], rows, k, mode, d**-0.5 if scale is None else scale, sq)
     p = _softmax_rows(s)
     vq = _expand_kv(v, hq)
     out_sq = torch.matmul(p, vq).square().sum((-1, -2)).clamp_min(1e-300)  # no allowed key: 0
@@ -175,6 +175,24 @@ def test_grid_predictor_equals_per_candidate_definition(sq, sk, causal, sinks, t
         )  # fmt: skip
     torch.testing.assert_close(pred.error.double(), want_err, rtol=1e-6, atol=1e-9)
     torch.testing.assert_close(pred.far_mass.double(), want_far, rtol=1e-6, atol=1e-9)
+
+
+@pytest.mark.parametrize("gap", [50.0, 400.0, 700.0])
+def test_grid_predictor_on_a_spike_far_from_the_window(gap):
+    """One key ``gap`` logits above the rest, pooled: ``c`` up to ~e^700, still exact, no NaN."""
+    g = torch.Generator().manual_seed(11)
+    q = torch.ones(1, 1, 8, 1, dtype=torch.float64)
+    k = torch.zeros(1, 1, 64, 1, dtype=torch.float64)
+    k[0, 0, 0] = gap
+    v = torch.randn(1, 1, 64, 1, dtype=torch.float64, generator=g)
+    k = k + 1e-3 * torch.randn(1, 1, 64, 1, dtype=torch.float64, generator=g)
+    want, _ = _predict_per_candidate(q, k, v, [4], [4, 16], 0, False, 8, 3, scale=1.0)
+    pred = predict_hybrid_error(
+        q, k, v, windows=[4], ranks=[4, 16], causal=False, num_samples=8, scale=1.0,
+        generator=torch.Generator().manual_seed(3),
+    )  # fmt: skip
+    assert bool(torch.isfinite(pred.error).all())
+    torch.testing.assert_close(pred.error.double(), want, rtol=1e-6, atol=0)
 
 
 def test_predictor_exact_limits_and_ordering():

@@ -326,7 +326,7 @@ class _SampledRows:
     scores: torch.Tensor  # scores with masked entries 0
     allowed: torch.Tensor  # 1.0 where a key is allowed, else 0.0
     log_z: torch.Tensor  # (B, H, m, 1) log partition function (0 for rows with no key)
-    p_sq: torch.Tensor  # (B, H, m, 1) Σ_j p_j²
+    p_sq: torch.Tensor  # p², (B, H, m, Sk)
 
     @classmethod
     def of(cls, p: torch.Tensor, s: torch.Tensor) -> _SampledRows:
@@ -337,7 +337,7 @@ class _SampledRows:
             scores=torch.where(finite, s, torch.zeros_like(s)),
             allowed=finite.to(s.dtype),
             log_z=torch.where(torch.isfinite(log_z), log_z, torch.zeros_like(log_z)),
-            p_sq=p.square().sum(-1, keepdim=True),
+            p_sq=p.square(),
         )
 
 
@@ -347,10 +347,10 @@ def _grid_deviation(
     r"""``‖p̃ − p‖²`` and pooled mass per sampled row for every window of one segment size.
 
     ``rows``: the sampled rows' probabilities and scores (float64); ``bounds``:
-    :func:`_row_bounds` of a plan whose ``W`` "heads" are the candidate windows, fields
-    ``(1, W, m)``. Returns two ``(B, H, m, W)`` tensors. Same quantity as
-    :func:`_implied_weights`, but the ``O(m · Sk)`` work is done once per segment size and each
-    window costs ``O(m · Sk / g)``: pooled keys are whole segments, so everything reduces to
+    :func:`_bounds_of` with the ``W`` candidate windows as its "heads", fields ``(1, W, m)``.
+    Returns two ``(B, H, m, W)`` tensors. Same quantity as :func:`_implied_weights`, but the
+    ``O(m · Sk)`` work is done once per segment size and each window costs ``O(m · Sk / g)``:
+    pooled keys are whole segments, so everything reduces to
     per-segment sums. With ``p̄_t = e^{s̄_t − log Z}`` (``s̄_t`` the mean score of segment ``t``,
     ``n_t`` keys, mean probability ``μ_t``, spread ``V_t = Σ_{j∈t} (p_j − μ_t)²``), the implied
     distribution is ``c·p`` on exact keys and ``c·p̄_t`` on pooled ones, ``1/c = E + Σ n_t p̄_t``
@@ -359,10 +359,15 @@ def _grid_deviation(
     .. math::
         ‖p̃ − p‖² = (c − 1)² Σ_{exact} p_j² + Σ_{t\ pooled} n_t (c p̄_t − μ_t)² + V_t .
 
-    Every term is a sum of non-negative parts and ``c p̄_t − μ_t`` is formed as
-    ``(p̄_t − μ_t) + (c − 1) p̄_t`` with ``c − 1 = −c Σ_{pooled} n_t (p̄_t − μ_t)``, so nothing
-    cancels: accurate both when the plan is nearly exact (``c ≈ 1``) and when the window misses
-    the row's peak (``c ≫ 1``).
+    Each term is non-negative and none is a difference of large intermediate sums (as
+    ``Σ p̃² − 2 Σ p̃ p + Σ p²`` or prefix-sum differences would be): ``c − 1`` is formed as
+    ``−c Σ_{pooled} n_t (p̄_t − μ_t)`` and ``c p̄_t − μ_t`` as ``(p̄_t − μ_t) + (c − 1) p̄_t``,
+    whose two parts are of the size of the result. So the grid agrees with the per-candidate
+    evaluation to rounding both when the plan is nearly exact (``c ≈ 1``) and when the window
+    misses the row's peak (``c ≫ 1``; the exact part is formed as ``((c − 1)·√Σ p²)²``, which
+    stays finite since ``c·E ≤ 1``). Beyond logit gaps of about 700 within a row, where every
+    pooled ``p̄_t`` underflows float64, the prediction stays large but is no longer the exact
+    value.
     """
     p = rows.p
     sk = p.shape[-1]
@@ -374,7 +379,7 @@ def _grid_deviation(
     mass = _segment_sums(p, g, nseg)
     mu = mass / n.clamp_min(1)
     spread = _segment_sums((p - mu.repeat_interleave(g, dim=-1)[..., :sk]).square(), g, nseg)
-    p_sq = _segment_sums(p.square(), g, nseg)
+    p_sq = _segment_sums(rows.p_sq, g, nseg)
     gap = p_bar - mu
     # Pooled-segment masks of every (window, row): (W, m, nseg) -> broadcast as (m, W, nseg).
     t = torch.arange(nseg, device=p.device)
@@ -383,9 +388,12 @@ def _grid_deviation(
     pooled = ((t >= left_lo) & (t < left_hi)) | (t >= right_lo)
     pooled = pooled.expand(-1, int(p.shape[2]), -1).transpose(0, 1).to(p.dtype)
     masks = torch.cat([pooled, 1.0 - pooled], dim=1)  # (m, 2W, nseg): pooled, then exact
-    # Masked segment sums of five statistics in one batched matmul: (5, B, H, m, 2W).
-    stats = torch.stack([mass, n * p_bar, n * gap, p_sq, spread])[..., None, :]
-    sums = torch.matmul(stats, masks.transpose(-1, -2)).squeeze(-2)
+    # Masked segment sums of five statistics in one batched matmul, batched over the sampled
+    # rows (masks (m, nseg, 2W) are not broadcast, so not copied): (5, B, H, m, 2W).
+    stats = torch.stack([mass, n * p_bar, n * gap, p_sq, spread])  # (5, B, H, m, nseg)
+    lead = stats.shape[:3]
+    flat = stats.permute(3, 0, 1, 2, 4).reshape(stats.shape[3], -1, nseg)
+    sums = torch.bmm(flat, masks.transpose(1, 2)).unflatten(1, lead).permute(1, 2, 3, 0, 4)
     w = pooled.shape[1]
     far_mass, exact_mass = sums[0, ..., :w], sums[0, ..., w:]
     inv_c = exact_mass + sums[1, ..., :w]
@@ -399,7 +407,7 @@ def _grid_deviation(
         dev = n[..., None, :] * (gap[..., None, :] + cm1 * p_bar[..., None, :]).square()
         parts.append((pooled[:, i : i + step] * dev).sum(-1))
     pooled_part = torch.cat(parts, dim=-1) + sums[4, ..., :w]
-    delta2 = c_minus_1.square() * sums[3, ..., w:] + pooled_part
+    delta2 = (c_minus_1 * sums[3, ..., w:].sqrt()).square() + pooled_part
     return delta2, far_mass
 
 
