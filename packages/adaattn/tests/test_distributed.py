@@ -394,7 +394,7 @@ def test_recent_keys_forget_the_least_recently_used() -> None:
 def _forgotten_signatures(rank: int, world: int, seed: int) -> None:
     import adaattn.distributed as ring_module
 
-    ring_module._CHECKED.capacity = 1  # this worker only: every new signature evicts the last
+    ring_module._CHECKED_CAPACITY = 1  # this worker only: every new signature evicts the last
     gathers = 0
     all_gather = ring_module.dist.all_gather
 
@@ -421,6 +421,31 @@ def _forgotten_signatures(rank: int, world: int, seed: int) -> None:
 
 def test_forgotten_signatures_are_checked_again_on_every_rank() -> None:
     _launch(2, _forgotten_signatures, random.SystemRandom().randrange(2**31))
+
+
+def _groups_forget_on_their_own(rank: int, world: int, seed: int) -> None:
+    """Groups X = {0, 1} and Y = {1, 2}: rank 1's calls on Y must not make it forget X's."""
+    import adaattn.distributed as ring_module
+
+    ring_module._CHECKED_CAPACITY = 1  # this worker only
+    timeout = datetime.timedelta(seconds=30)  # a regression fails instead of hanging
+    group_x = dist.new_group([0, 1], timeout=timeout)
+    group_y = dist.new_group([1, 2], timeout=timeout)
+    torch.manual_seed(seed)
+    full = [torch.randn(1, 2, 12, 8, dtype=torch.float64) for _ in range(3)]
+    want = attention_reference(*full, causal=True)
+    calls = {0: ["x", "x"], 1: ["x", "y", "x"], 2: ["y"]}[rank]
+    for name in calls:
+        group, members = (group_x, [0, 1]) if name == "x" else (group_y, [1, 2])
+        me = members.index(rank)
+        q, k, v = (shard_sequence(t, me, 2) for t in full)
+        with torch.no_grad():
+            out = ring_attention(q, k, v, causal=True, group=group)
+        torch.testing.assert_close(out, shard_sequence(want, me, 2))
+
+
+def test_each_group_forgets_signatures_on_its_own() -> None:
+    _launch(3, _groups_forget_on_their_own, random.SystemRandom().randrange(2**31))
 
 
 def _uniform_hybrid_cases(

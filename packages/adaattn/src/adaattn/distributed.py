@@ -824,8 +824,7 @@ class _RecentKeys:
     """The ``capacity`` most recently used keys, the least recently used forgotten first.
 
     Bounds the per-process memory of call signatures (a server sees ever new lengths and
-    plans). Every rank makes the same calls in the same order, so every rank forgets the same
-    keys and meets them again together: a forgotten signature is checked again on all ranks.
+    plans).
     """
 
     def __init__(self, capacity: int) -> None:
@@ -850,8 +849,13 @@ class _RecentKeys:
         return len(self._keys)
 
 
-#: Signatures whose agreement across ranks was checked (see _check_same_on_all_ranks).
-_CHECKED = _RecentKeys(256)
+#: Most recent signatures whose agreement across ranks was checked
+#: (:func:`_check_same_on_all_ranks`), one memory per process group. The members of a group make
+#: the same calls on it in the same order, so they forget the same keys and check a forgotten
+#: signature again together; a memory shared by all groups would forget at a rate set by each
+#: rank's calls on *other* groups, and two members could then disagree on whether to check.
+_CHECKED_CAPACITY = 256
+_CHECKED: dict[str, _RecentKeys] = {}
 #: ``(bucketed signature key, "fwd" | "bwd")`` of the passes that ran in this process. The first
 #: pass of a signature runs with ``overlap=False``: there the Triton autotuner benchmarks each
 #: block's kernel configurations, and a transfer running beside them on the same SMs would skew
@@ -913,7 +917,8 @@ def _check_same_on_all_ranks(
         path, options, int(ring.comm_priority == "high"),
     )  # fmt: skip
     key = (ring.pg.group_name, signature)
-    if _CHECKED.seen(key):
+    checked = _CHECKED.setdefault(ring.pg.group_name, _RecentKeys(_CHECKED_CAPACITY))
+    if checked.seen(key):
         return key
     device = torch.device("cpu") if dist.get_backend(ring.pg) == "gloo" else q.device
     mine = torch.tensor(signature, dtype=torch.float64, device=device)
@@ -946,7 +951,7 @@ def _check_same_on_all_ranks(
                 "the same dtype, causal, layout, scale, precision, fp8_options, plan and "
                 "comm_priority"
             )
-    _CHECKED.add(key)
+    checked.add(key)
     return key
 
 
