@@ -7,11 +7,15 @@ Planning is a chain of small tensor operations, so on a GPU its cost is set by h
 it launches and how often the host waits for a result (``float(t)``, ``bool(t)``, ``t.tolist()``),
 not by FLOPs. This driver runs :meth:`adaattn.planner.Planner.plan` on real SmolLM2 q/k/v
 (``tools/capture_qkv.py``) under a :class:`~torch.utils._python_dispatch.TorchDispatchMode`
-that counts every aten operation, and among them the scalar reads that synchronise a GPU
-(``aten::_local_scalar_dense`` behind ``float``/``int``/``bool``/``.item()``, ``aten::is_nonzero``
-and copies of a device tensor to the host). The counts are the same on any device, so a CPU run
-already shows what a change saves; the wall time is the device's own (medians over ``--reps``
-plans, CUDA-synchronised on a GPU). Writes ``results/profile_planner.json``.
+that counts every aten operation, and among them the host synchronisations: scalar reads
+(``aten::_local_scalar_dense`` behind ``float``/``int``/``bool``/``.item()``, ``aten::equal``)
+and blocking copies of a device tensor to the host (``.cpu()``, ``.tolist()`` on a GPU). On a
+CPU run no tensor lives on a device, so copies are invisible to the dispatcher; there every
+``Tensor.tolist()`` call is counted instead (each is one transfer when the planner runs on a
+GPU, as all of its ``.tolist()`` calls read device results). The operation counts are the same
+on any device up to the paths that differ by device (the FP8 error is simulated on CPU and
+measured with the Triton kernel on a GPU); the wall time is the device's own (medians over
+``--reps`` plans, CUDA-synchronised on a GPU). Writes ``results/profile_planner.json``.
 """
 
 from __future__ import annotations
@@ -30,16 +34,34 @@ from tools.bench.bench_adaptive import _captures
 from tools.bench.common import REPO, write_results
 
 # Operations that return a value to Python: on a GPU each one waits for the queue to drain.
-_SYNC_OPS = {"aten::_local_scalar_dense", "aten::is_nonzero", "aten::equal", "aten::allclose"}
+_SYNC_OPS = {"aten::_local_scalar_dense", "aten::equal", "aten::allclose"}
 
 
 class _OpCounter(TorchDispatchMode):
     """Counts aten operations, and the host synchronisations among them."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, count_tolist: bool) -> None:
         super().__init__()
         self.ops: Counter[str] = Counter()
         self.syncs = 0
+        self._count_tolist = count_tolist
+        self._tolist = torch.Tensor.tolist
+
+    def __enter__(self) -> _OpCounter:
+        if self._count_tolist:
+            tolist = self._tolist
+
+            def counted(t: torch.Tensor) -> Any:
+                self.syncs += 1
+                return tolist(t)
+
+            torch.Tensor.tolist = counted  # type: ignore[method-assign]  # restored on exit
+        super().__enter__()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        super().__exit__(*exc)
+        torch.Tensor.tolist = self._tolist  # type: ignore[method-assign]
 
     def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
         name = func.name()
@@ -47,21 +69,23 @@ class _OpCounter(TorchDispatchMode):
         name = name.split(".")[0]
         self.ops[name] += 1
         kwargs = kwargs or {}
-        copy = name in ("aten::_to_copy", "aten::copy_")
-        if name in _SYNC_OPS or (copy and _to_host(args, kwargs)):
+        if name in _SYNC_OPS or _blocking_copy_to_host(name, args, kwargs):
             self.syncs += 1
         return func(*args, **kwargs)
 
 
-def _to_host(args: Any, kwargs: dict[str, Any]) -> bool:
-    """Whether a copy moves a device tensor to the host (a synchronising transfer)."""
-    src = args[0] if args else None
-    if not isinstance(src, torch.Tensor) or src.device.type == "cpu":
+def _blocking_copy_to_host(name: str, args: Any, kwargs: dict[str, Any]) -> bool:
+    """Whether an op copies a device tensor to the host and waits for it."""
+    if kwargs.get("non_blocking") or (name == "aten::copy_" and len(args) > 2 and args[2]):
         return False
-    dst = kwargs.get("device")
-    if dst is None and len(args) > 1 and isinstance(args[1], torch.Tensor):
-        dst = args[1].device
-    return dst is not None and torch.device(dst).type == "cpu"
+    if name == "aten::_to_copy":  # _to_copy(src, *, device=...)
+        src, dst = args[0], kwargs.get("device")
+        dst_type = None if dst is None else torch.device(dst).type
+    elif name == "aten::copy_":  # copy_(dst, src, non_blocking)
+        src, dst_type = args[1], args[0].device.type
+    else:
+        return False
+    return isinstance(src, torch.Tensor) and src.device.type != "cpu" and dst_type == "cpu"
 
 
 def _sync(device: torch.device) -> None:
@@ -98,7 +122,7 @@ def main() -> None:
             problem = prepare(q, k, v, None, True, None, True)
             planner = Planner(config, layer_idx=0)
             plan = planner.plan(problem)  # warm-up (kernel compilation, autotuning)
-            counter = _OpCounter()
+            counter = _OpCounter(count_tolist=device.type == "cpu")
             with counter:
                 planner.plan(problem)
             times = []
