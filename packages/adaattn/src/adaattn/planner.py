@@ -37,6 +37,7 @@ per query (exact part, pooled segments, the pooling pass) over those of exact at
 
 from __future__ import annotations
 
+import math
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass, field
@@ -531,7 +532,10 @@ class Planner:
             generator=torch.Generator().manual_seed(cfg.seed + 2),
         )  # fmt: skip
         # Selection runs on host lists: one transfer, then no tensor op per head or candidate.
-        grid_err: list[list[list[float]]] = pred.error.amax(0).tolist()  # [H][W][R]
+        # (A NaN prediction would make min() below order-dependent: it counts as unbounded.)
+        grid_err: list[list[list[float]]] = (
+            pred.error.amax(0).nan_to_num(nan=math.inf).tolist()  # [H][W][R]
+        )
         cands = [
             (cost(w, r), wi, ri)
             for wi, w in enumerate(windows)
