@@ -516,15 +516,17 @@ class Planner:
             pooled = max(mean_keys - exact, 0.0) / g
             return min(1.0, (exact + pooled + pooling) / mean_keys)
 
-        grid = [(w, r) for w in cfg.hybrid_windows for r in cfg.hybrid_ranks if cost(w, r) < 1.0]
+        # Candidates cheaper than exact, cheapest first (ties by window, then rank).
+        priced = {(cost(w, r), w, r) for w in cfg.hybrid_windows for r in cfg.hybrid_ranks}
+        grid = sorted(cand for cand in priced if cand[0] < 1.0)
         if not grid:
             for h in range(heads):
                 notes[h].append(
                     f"hybrid skipped: no (window, rank) is cheaper than {mean_keys:.0f} keys"
                 )
             return
-        windows = tuple(sorted({w for w, _ in grid}))
-        ranks = tuple(sorted({r for _, r in grid}))
+        windows = tuple(sorted({w for _, w, _ in grid}))
+        ranks = tuple(sorted({r for _, _, r in grid}))
         m_pred = min(m, cfg.predict_samples)
         pred = _backends.hybrid_prediction(
             q, k, v, windows=windows, ranks=ranks, sinks=_HYBRID_SINKS, causal=problem.causal,
@@ -536,13 +538,7 @@ class Planner:
         grid_err: list[list[list[float]]] = (
             pred.error.amax(0).nan_to_num(nan=math.inf).tolist()  # [H][W][R]
         )
-        cands = [
-            (cost(w, r), wi, ri)
-            for wi, w in enumerate(windows)
-            for ri, r in enumerate(ranks)
-            if cost(w, r) < 1.0
-        ]
-        cands.sort()  # cheapest first; ties by (window, rank) index
+        cands = [(c, windows.index(w), ranks.index(r)) for c, w, r in grid]
         tried: list[set[tuple[int, int]]] = [set() for _ in range(heads)]
         # Per-head calibration of the predictor: after a measured miss, the head's later picks
         # must be predicted within tol / (measured / predicted) of that miss (never relaxed).

@@ -280,6 +280,8 @@ def _implied_weights(
     """Implied hybrid distribution ``p̃`` over keys and the pooled-key mask, per sampled row.
 
     ``p``/``s``: true probabilities and scores ``(B, H, m, Sk)`` (float64); masked scores -inf.
+    The plain definition, one plan at a time: the reference :func:`_grid_deviation` (which
+    :func:`predict_hybrid_error` runs) is tested against, not used on the planning path.
     """
     sk = s.shape[-1]
     bounds = _row_bounds(plan, rows, seq_q, sk, mode)
